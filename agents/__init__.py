@@ -1,0 +1,1 @@
+"""Agents of the mesh: one module per kind, plus the runtime they all share."""

@@ -1,0 +1,220 @@
+"""meshctl: run, inspect and secure the mesh."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from agents.config import ConfigError, MeshConfig, load_config
+
+DEFAULT_CONFIG = os.environ.get("MESH_CONFIG", "config/local.yaml")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+keys_app = typer.Typer(no_args_is_help=True, help="CURVE key pairs, one per host.")
+app.add_typer(keys_app, name="keys")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Mesh config file (env MESH_CONFIG).")
+HostOpt = typer.Option(None, "--host", help="Host to act as (default: the file's `host:`, or its only host).")
+
+STATE_STYLE = {"ready": "green", "degraded": "yellow", "waiting": "cyan", "starting": "cyan", "dead": "bold red",
+               "stopped": "dim", "declared": "dim", "draining": "yellow"}
+
+
+def _load(path: str, host: str | None = None) -> MeshConfig:
+    try:
+        return load_config(path, host=host)
+    except ConfigError as exc:
+        err.print(f"[bold red]config error[/]\n{exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
+       only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these agents (repeatable)."),
+       log_level: str = typer.Option("INFO", "--log-level", help="Agents' log level.")) -> None:
+    """Start every agent of this host, restart crashed ones, stop all on Ctrl-C."""
+    from rich.logging import RichHandler
+
+    from agents.control import fetch_status
+    from agents.kinds import UnknownKind
+    from agents.supervisor import Supervisor
+    from network.rpc import MeshError
+
+    logging.basicConfig(level="INFO", format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    cfg = _load(config, host)
+    try:
+        sup = Supervisor(cfg, host=host, only=only, log_level=log_level)
+    except (ValueError, ConfigError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    started = time.monotonic()
+    state = {"reported": None, "next": 0.0}
+    twin_here = cfg.twin in sup.children
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now < state["next"]:
+            return
+        state["next"] = now + 1.0
+        try:
+            status = fetch_status(cfg, timeout=0.5)
+        except MeshError:
+            if twin_here and now - started > 10 and state["reported"] != "unreachable":
+                logging.getLogger("meshctl.up").warning("the twin is not answering at %s", cfg.endpoint(cfg.twin))
+                state["reported"] = "unreachable"
+            return
+        mine = [a for a in status.agents if a.agent in sup.children]
+        summary = status.mesh_state if all(a.state in ("ready", "degraded") for a in mine) else "starting"
+        if summary != state["reported"]:
+            ready = sum(a.state == "ready" for a in status.agents)
+            logging.getLogger("meshctl.up").info("mesh %s: %s, %d/%d agents ready (%.1fs); `meshctl status` for the table",
+                                                 cfg.mesh.name, summary, ready, len(status.agents), now - started)
+            state["reported"] = summary
+
+    err.print(f"mesh [bold]{cfg.mesh.name}[/]: host [bold]{sup.host}[/], {len(sup.children)} agent(s), "
+              f"logs in {sup.log_dir}/ (`meshctl logs -f`); Ctrl-C stops")
+    try:
+        sup.run(on_tick=tick)
+    except UnknownKind as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def status(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second.")) -> None:
+    """The twin's table: agent, host, state, heartbeat age, restarts, what each waits on."""
+    from agents.control import fetch_status
+    from network.rpc import MeshError
+
+    cfg = _load(config)
+    while True:
+        try:
+            reply = fetch_status(cfg)
+        except MeshError as exc:
+            err.print(f"[bold red]the twin does not answer[/] at {cfg.endpoint(cfg.twin)}: {exc.message}\n"
+                      f"  is the mesh running? start it with `meshctl up --config {config}`")
+            raise typer.Exit(1) from None
+        if as_json:
+            print(reply.model_dump_json(indent=2))
+            return
+        table = Table(title=f"mesh {reply.mesh}: {reply.mesh_state}", title_justify="left")
+        for col in ("agent", "host", "group", "state", "heartbeat", "uptime", "restarts", "msgs in/out", "errors",
+                    "waiting on / detail"):
+            table.add_column(col)
+        for a in reply.agents:
+            style = STATE_STYLE.get(a.state, "")
+            age = "-" if a.last_heartbeat_age_s is None else f"{a.last_heartbeat_age_s:.1f}s"
+            up_ = "-" if a.uptime_s is None else f"{a.uptime_s:.0f}s"
+            note = ", ".join(a.waiting_on) if a.waiting_on else a.detail
+            table.add_row(a.agent + ("" if a.required else " (optional)"), a.host, a.group, f"[{style}]{a.state}[/]",
+                          age, up_, str(a.restarts), f"{a.stats.messages_in}/{a.stats.messages_out}",
+                          str(a.stats.errors), note)
+        if watch:
+            console.clear()
+        console.print(table)
+        if not watch:
+            return
+        time.sleep(1)
+
+
+@app.command()
+def plan(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
+    """Print the start-up order: levels of agents, each depending only on earlier levels."""
+    cfg = _load(config, host)
+    for i, level in enumerate(cfg.start_order(), 1):
+        parts = []
+        for a in level:
+            spec = cfg.agents[a]
+            deps = f" <- {', '.join(spec.depends_on)}" if spec.depends_on else ""
+            opt = " (optional)" if not spec.required else ""
+            parts.append(f"{a} [{spec.kind} @ {cfg.host_of(a)}/{cfg.group_of(a)}, rpc :{cfg.port(a, 'rpc')}]{opt}{deps}")
+        console.print(f"[bold]{i}.[/] " + escape("\n   ".join(parts)))
+
+
+@app.command()
+def check(config: str = ConfigOpt) -> None:
+    """Validate a config file and say what is wrong with it."""
+    cfg = _load(config)
+    console.print(f"{config}: ok ({len(cfg.hosts)} host(s), {len(cfg.groups)} group(s), {len(cfg.agents)} agent(s))")
+
+
+@app.command()
+def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show (default: all of this host)."),
+         config: str = ConfigOpt, follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+         level: str = typer.Option("DEBUG", "--level", "-l", help="Lowest level shown."),
+         lines: int = typer.Option(20, "--lines", "-n", help="Lines of history per agent.")) -> None:
+    """Show agents' logs, each line prefixed with its agent."""
+    from agents.logs import LEVELS, follow, log_path
+
+    cfg = _load(config)
+    if level.upper() not in LEVELS:
+        err.print(f"[bold red]error:[/] --level must be one of {', '.join(LEVELS)}")
+        raise typer.Exit(2)
+    names = agents or list(cfg.agents)
+    unknown = [a for a in names if a not in cfg.agents]
+    if unknown:
+        err.print(f"[bold red]error:[/] unknown agent(s) {', '.join(unknown)}; declared: {', '.join(cfg.agents)}")
+        raise typer.Exit(2)
+    log_dir = cfg.mesh.data_dir / "logs"
+    files = {a: log_path(log_dir, a) for a in names}
+    missing = [a for a, p in files.items() if not p.exists()]
+    if missing and not follow_:
+        err.print(f"no log yet for {', '.join(missing)} in {log_dir}/")
+    follow(files, follow=follow_, level=level, lines=lines)
+
+
+@keys_app.command("generate")
+def keys_generate(hosts: list[str] = typer.Argument(..., help="Host names, as in the config's hosts:."),
+                  keys_dir: Path = typer.Option(Path("keys"), "--keys-dir"),
+                  force: bool = typer.Option(False, "--force", help="Replace existing key pairs.")) -> None:
+    """Make a CURVE key pair per host (public in keys/public, secret in keys/private)."""
+    from network.security import generate
+
+    for host in hosts:
+        try:
+            pub, sec = generate(keys_dir, host, force=force)
+        except FileExistsError as exc:
+            err.print(f"[yellow]{exc}[/]")
+            continue
+        console.print(f"{host}: public {pub}, secret {sec}")
+    console.print("copy each host's public key to the other hosts' keys/public/; secret keys never leave their host")
+
+
+@keys_app.command("list")
+def keys_list(keys_dir: Path = typer.Option(Path("keys"), "--keys-dir"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the known hosts' public keys and which secret keys are present here."""
+    from network.security import list_keys
+
+    rows = list_keys(keys_dir)
+    if as_json:
+        print(json.dumps([{"host": h, "public": k, "secret_here": s} for h, k, s in rows], indent=2))
+        return
+    if not rows:
+        err.print(f"no keys in {keys_dir}/public; make them with `meshctl keys generate HOST...`")
+        raise typer.Exit(1)
+    table = Table("host", "public key (Z85)", "secret here")
+    for h, k, s in rows:
+        table.add_row(h, k, "yes" if s else "no")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

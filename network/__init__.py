@@ -1,0 +1,1 @@
+"""Wire protocol: the only package that knows about sockets and frames."""

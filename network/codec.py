@@ -1,0 +1,117 @@
+"""Frame codec: one msgpack array per message, checked before anything else sees it.
+
+    [1, type_name, version, id, cid, sender, ts, body]
+
+`1` is the frame format, `id` 16 random bytes, `cid` the id of the request this answers
+(empty otherwise), `ts` seconds since the epoch, `body` the model's fields as a map.
+docs/PROTOCOL.md is the exact description.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import msgpack
+from pydantic import ValidationError
+
+from network.messages import ErrorCode, Message, lookup
+
+FRAME_FORMAT = 1
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be turned into a message. Carries what could be read of its header."""
+
+    code: ErrorCode = ErrorCode.UNDECODABLE
+
+    def __init__(self, message: str, *, msg_id: bytes = b"", sender: str = "", type_name: str = "", detail: dict | None = None):
+        super().__init__(message)
+        self.msg_id = msg_id
+        self.sender = sender
+        self.type_name = type_name
+        self.detail = detail or {}
+
+
+class Undecodable(ProtocolError):
+    code = ErrorCode.UNDECODABLE
+
+
+class FrameTooLarge(ProtocolError):
+    code = ErrorCode.TOO_LARGE
+
+
+class UnknownType(ProtocolError):
+    code = ErrorCode.UNKNOWN_TYPE
+
+
+class VersionMismatch(ProtocolError):
+    code = ErrorCode.BAD_VERSION
+
+
+class InvalidBody(ProtocolError):
+    code = ErrorCode.INVALID_BODY
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A decoded frame: the header fields and the validated message."""
+
+    message: Message
+    id: bytes
+    cid: bytes
+    sender: str
+    ts: float
+
+    @property
+    def type_name(self) -> str:
+        return self.message.type_name
+
+
+def new_id() -> bytes:
+    return os.urandom(16)
+
+
+def encode(message: Message, *, sender: str, cid: bytes = b"", msg_id: bytes | None = None) -> tuple[bytes, bytes]:
+    """Returns (message id, frame)."""
+    mid = msg_id or os.urandom(16)
+    frame = _packb([FRAME_FORMAT, message.type_name, message.version, mid, cid, sender, time.time(), message.model_dump()])
+    return mid, frame
+
+
+def decode(frame: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Envelope:
+    """Turns a frame into an Envelope or raises a ProtocolError subclass saying what is wrong."""
+    if len(frame) > max_frame_bytes:
+        raise FrameTooLarge(f"frame of {len(frame)} bytes is over the limit of {max_frame_bytes} bytes",
+                            detail={"size": len(frame), "limit": max_frame_bytes})
+    try:
+        raw = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise Undecodable(f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(raw, list) or len(raw) != 8 or raw[0] != FRAME_FORMAT:
+        raise Undecodable("frame is not a mesh envelope: expected an array of 8 starting with 1")
+    _, type_name, version, mid, cid, sender, ts, body = raw
+    if not isinstance(mid, bytes) or not isinstance(cid, bytes) or not isinstance(sender, str):
+        raise Undecodable("envelope header has wrong field types (id and cid must be bin, sender str)")
+    if not isinstance(type_name, str) or not isinstance(version, int) or not isinstance(ts, (int, float)):
+        raise Undecodable("envelope header has wrong field types (type str, version int, ts float)", msg_id=mid, sender=sender)
+    cls = lookup(type_name)
+    if cls is None:
+        raise UnknownType(f"unknown message type {type_name!r}", msg_id=mid, sender=sender, type_name=type_name)
+    if version != cls.version:
+        raise VersionMismatch(f"{type_name} version {version} is not supported (this agent speaks version {cls.version})",
+                              msg_id=mid, sender=sender, type_name=type_name,
+                              detail={"got": version, "supported": cls.version})
+    if not isinstance(body, dict):
+        raise InvalidBody(f"{type_name} body must be a map", msg_id=mid, sender=sender, type_name=type_name)
+    try:
+        message = cls.model_validate(body)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors()[:10]]
+        raise InvalidBody(f"{type_name} body is invalid: {'; '.join(problems)}", msg_id=mid, sender=sender,
+                          type_name=type_name) from None
+    return Envelope(message=message, id=mid, cid=cid, sender=sender, ts=float(ts))

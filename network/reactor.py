@@ -1,0 +1,108 @@
+"""A single-threaded event loop over ZeroMQ sockets and timers.
+
+Each agent runs one reactor: it polls its sockets, calls the callback of each readable one,
+and runs due timers. Handlers are plain functions; nothing here blocks longer than the
+next timer or `max_wait` (so a stop request is seen within that time).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from typing import Callable
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    __slots__ = ("when", "fn", "interval", "cancelled")
+
+    def __init__(self, when: float, fn: Callable[[], None], interval: float | None):
+        self.when = when
+        self.fn = fn
+        self.interval = interval
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Reactor:
+    def __init__(self, *, max_wait: float = 0.1):
+        self.poller = zmq.Poller()
+        self._callbacks: dict[object, Callable[[], None]] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self.max_wait = max_wait
+
+    def add_socket(self, sock: zmq.Socket | int, callback: Callable[[], None]) -> None:
+        self.poller.register(sock, zmq.POLLIN)
+        self._callbacks[sock] = callback
+
+    def remove_socket(self, sock: zmq.Socket | int) -> None:
+        if sock in self._callbacks:
+            self.poller.unregister(sock)
+            del self._callbacks[sock]
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, fn, None)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def every(self, interval: float, fn: Callable[[], None], *, first: float | None = None) -> Timer:
+        timer = Timer(time.monotonic() + (interval if first is None else first), fn, interval)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def run(self) -> None:
+        self._stopping = False
+        while not self._stopping:
+            self.run_once()
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        wait = self.max_wait if max_wait is None else max_wait
+        if self._timers:
+            wait = max(0.0, min(wait, self._timers[0][0] - time.monotonic()))
+        try:
+            events = self.poller.poll(wait * 1000)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.ETERM:
+                self._stopping = True
+                return
+            raise
+        for sock, _ in events:
+            callback = self._callbacks.get(sock)
+            if callback is not None:
+                self._guarded(callback)
+        self._run_timers()
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            if timer.interval is not None:
+                timer.when = max(timer.when + timer.interval, now)
+                heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+            self._guarded(timer.fn)
+
+    @staticmethod
+    def _guarded(fn: Callable[[], None]) -> None:
+        # One faulty callback must not take the agent down; it is logged with its traceback.
+        try:
+            fn()
+        except Exception:
+            log.exception("callback %r failed", getattr(fn, "__qualname__", fn))

@@ -1,0 +1,364 @@
+"""Request/reply: a ROUTER server with typed handlers, and two clients.
+
+* `RpcServer` answers every frame it receives: a handler's reply, or a typed `mesh.error`
+  (undecodable, too large, unknown type, bad version, invalid body, no handler, handler error).
+  Replies are remembered by request id, so a retried request is answered again without being
+  handled twice.
+* `RpcClient` is the blocking Lazy Pirate client (REQ, poll with a timeout, close and reopen
+  the socket on timeout, resend the same id a bounded number of times). For tools and tests.
+* `Peer` is the same protocol inside a reactor (DEALER, non-blocking, callbacks), used by agents
+  so that a slow or missing peer never stalls their own loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+
+from network.codec import DEFAULT_MAX_FRAME_BYTES, Envelope, ProtocolError, decode, encode
+from network.messages import Error, ErrorCode, Message, Ping
+from network.metrics import MeshMetrics
+from network.reactor import Reactor, Timer
+from network.security import CurveIdentity, Guard, RefusalMonitor
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, Envelope], Message]
+
+
+class MeshError(Exception):
+    """A request that was not handled. Raised by handlers to reply with a typed error, and by
+    clients when the reply is a `mesh.error`."""
+
+    def __init__(self, code: str, message: str, detail: dict[str, Any] | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = str(code)
+        self.message = message
+        self.detail = detail or {}
+
+
+class RequestTimeout(MeshError):
+    def __init__(self, message: str):
+        super().__init__("timeout", message)
+
+
+def _hard_limit(max_frame_bytes: int) -> int:
+    # Frames between the soft limit and this one get a typed `too_large` reply; beyond it ZeroMQ
+    # drops the connection without reading the frame into memory.
+    return max(4 * max_frame_bytes, 1 << 20)
+
+
+class RpcServer:
+    def __init__(self, ctx: zmq.Context, bind: str, *, sender: str, metrics: MeshMetrics, guard: Guard | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, reply_cache: int = 4096):
+        self.sender = sender
+        self.metrics = metrics
+        self.max_frame_bytes = max_frame_bytes
+        self.handlers: dict[str, Handler] = {}
+        self.draining = False
+        self._replies: OrderedDict[bytes, bytes] = OrderedDict()
+        self._reply_cache = reply_cache
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.maxmsgsize = _hard_limit(max_frame_bytes)
+        self.socket.rcvhwm = 10_000
+        self.socket.sndhwm = 10_000
+        guard = guard or Guard(ctx, None)
+        guard.server(self.socket)
+        self.monitor = RefusalMonitor(self.socket, self._refused) if guard.enabled else None
+        self.socket.bind(bind)
+        self.endpoint = self.socket.last_endpoint.decode()
+
+    def route(self, message_type: type[Message], handler: Handler) -> None:
+        self.handlers[message_type.type_name] = handler
+
+    def attach(self, reactor: Reactor) -> None:
+        reactor.add_socket(self.socket, self.on_readable)
+        if self.monitor is not None:
+            reactor.add_socket(self.monitor.socket, self.monitor.on_readable)
+
+    def on_readable(self) -> None:
+        for _ in range(256):  # bounded, so timers still run under a flood
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        started = time.perf_counter()
+        head = frames[:2] if len(frames) > 2 and frames[1] == b"" else frames[:1]
+        body = frames[len(head):]
+        if len(body) != 1:
+            self._fail(head, ErrorCode.UNDECODABLE, f"expected one message frame after the routing envelope, got {len(body)}")
+            return
+        try:
+            env = decode(body[0], max_frame_bytes=self.max_frame_bytes)
+        except ProtocolError as exc:
+            self._fail(head, exc.code, str(exc), cid=exc.msg_id, detail=exc.detail)
+            return
+        type_name = env.message.type_name
+        self.metrics.message(type_name, "in")
+        cached = self._replies.get(env.id)
+        if cached is not None:
+            self.metrics.duplicates.inc()
+            self.socket.send_multipart(head + [cached])
+            return
+        handler = self.handlers.get(type_name)
+        try:
+            if handler is None:
+                raise MeshError(ErrorCode.NO_HANDLER, f"agent {self.sender!r} does not handle {type_name}",
+                                {"handles": sorted(self.handlers)})
+            if self.draining and type(env.message) is not Ping:
+                raise MeshError(ErrorCode.DRAINING, f"agent {self.sender!r} is draining; try again after its restart")
+            reply = handler(env.message, env)
+        except MeshError as exc:
+            self._fail(head, exc.code, exc.message, cid=env.id, detail=exc.detail)
+            return
+        except Exception as exc:
+            log.exception("handler for %s failed", type_name)
+            self._fail(head, ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", cid=env.id)
+            return
+        _, frame = encode(reply, sender=self.sender, cid=env.id)
+        self._remember(env.id, frame)
+        self.socket.send_multipart(head + [frame])
+        self.metrics.message(reply.type_name, "out")
+        self.metrics.latency(type_name, "server", time.perf_counter() - started)
+
+    def _remember(self, msg_id: bytes, frame: bytes) -> None:
+        self._replies[msg_id] = frame
+        if len(self._replies) > self._reply_cache:
+            self._replies.popitem(last=False)
+
+    def _fail(self, head: list[bytes], code: str, message: str, *, cid: bytes = b"", detail: dict | None = None) -> None:
+        self.metrics.error(str(code))
+        log.info("rejected request: %s: %s", code, message[:300])
+        _, frame = encode(Error(code=str(code), message=message, detail=detail or {}), sender=self.sender, cid=cid)
+        if cid:
+            self._remember(cid, frame)
+        try:
+            self.socket.send_multipart(head + [frame], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the peer is gone; nothing to answer
+
+    def _refused(self, reason: str, endpoint: str) -> None:
+        log.warning("refused a connection on %s: CURVE %s failure (wrong or missing client key?)", endpoint, reason)
+        self.metrics.auth_refused(reason)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close()
+        self.socket.close(linger=0)
+
+
+def _raise_if_error(env: Envelope) -> Message:
+    msg = env.message
+    if isinstance(msg, Error):
+        raise MeshError(msg.code, msg.message, msg.detail)
+    return msg
+
+
+class RpcClient:
+    """Blocking Lazy Pirate client. Not thread-safe: one per thread."""
+
+    def __init__(self, endpoint: str, *, sender: str = "client", timeout: float = 2.0, retries: int = 2,
+                 ctx: zmq.Context | None = None, guard: Guard | None = None, identity: CurveIdentity | None = None,
+                 server_host: str | None = None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 metrics: MeshMetrics | None = None):
+        """Pass `ctx` and `guard` to share an agent's context, or `identity` (or nothing) to get a
+        context of the client's own, closed with it."""
+        self.endpoint = endpoint
+        self.sender = sender
+        self.timeout = timeout
+        self.retries = retries
+        self.max_frame_bytes = max_frame_bytes
+        self.metrics = metrics
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.guard = guard or Guard(self.ctx, identity)
+        self.server_host = server_host
+        self.socket = self._open()
+
+    def _open(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.REQ)
+        sock.linger = 0
+        sock.maxmsgsize = _hard_limit(self.max_frame_bytes)
+        self.guard.client(sock, self.server_host or "")
+        sock.connect(self.endpoint)
+        return sock
+
+    def _reset(self) -> None:
+        self.socket.close(linger=0)
+        self.socket = self._open()
+
+    def request(self, message: Message, *, timeout: float | None = None, retries: int | None = None) -> Message:
+        """Sends `message` and returns the reply; raises MeshError for a typed error reply and
+        RequestTimeout when no reply came after every attempt."""
+        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
+        msg_id, frame = encode(message, sender=self.sender)
+        started = time.perf_counter()
+        for attempt in range(retries + 1):
+            self.socket.send(frame)
+            if self.socket.poll(timeout * 1000, zmq.POLLIN):
+                env = decode(self.socket.recv(), max_frame_bytes=self.max_frame_bytes)
+                if env.cid != msg_id:
+                    raise MeshError(ErrorCode.UNDECODABLE, "reply does not answer this request (correlation id differs)")
+                if self.metrics is not None:
+                    self.metrics.latency(message.type_name, "client", time.perf_counter() - started)
+                return _raise_if_error(env)
+            self._reset()
+            if self.metrics is not None:
+                self.metrics.retries.inc()
+            log.debug("no reply from %s within %.2fs (attempt %d of %d)", self.endpoint, timeout, attempt + 1, retries + 1)
+        raise RequestTimeout(f"no reply from {self.endpoint} after {retries + 1} attempt(s) of {timeout:g}s "
+                             f"(is the agent running and the address right?)")
+
+    def send_raw(self, frames: list[bytes], *, timeout: float | None = None) -> bytes | None:
+        """Sends arbitrary frames and returns the raw reply, or None on timeout. For probes and fuzzing."""
+        self.socket.send_multipart(frames)
+        if self.socket.poll((self.timeout if timeout is None else timeout) * 1000, zmq.POLLIN):
+            return self.socket.recv()
+        self._reset()
+        return None
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self._own_ctx:
+            self.guard.close()
+            self.ctx.term()
+
+    def __enter__(self) -> RpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(slots=True)
+class _Pending:
+    frame: bytes
+    type_name: str
+    on_reply: Callable[[Message], None]
+    on_failure: Callable[[MeshError], None]
+    timeout: float
+    retries: int
+    attempts: int
+    started: float
+    timer: Timer | None = None
+
+
+class Peer:
+    """Non-blocking Lazy Pirate client on a reactor: replies and failures arrive as callbacks."""
+
+    def __init__(self, ctx: zmq.Context, reactor: Reactor, endpoint: str, *, sender: str, metrics: MeshMetrics,
+                 guard: Guard | None = None, server_host: str | None = None, timeout: float = 2.0, retries: int = 2,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self.ctx = ctx
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.sender = sender
+        self.metrics = metrics
+        self.guard = guard or Guard(ctx, None)
+        self.server_host = server_host
+        self.timeout = timeout
+        self.retries = retries
+        self.max_frame_bytes = max_frame_bytes
+        self._pending: dict[bytes, _Pending] = {}
+        self.socket = self._open()
+
+    def _open(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = _hard_limit(self.max_frame_bytes)
+        self.guard.client(sock, self.server_host or "")
+        sock.connect(self.endpoint)
+        self.reactor.add_socket(sock, self._on_readable)
+        return sock
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def request(self, message: Message, on_reply: Callable[[Message], None],
+                on_failure: Callable[[MeshError], None] | None = None, *, timeout: float | None = None,
+                retries: int | None = None) -> bytes:
+        msg_id, frame = encode(message, sender=self.sender)
+        p = _Pending(frame=frame, type_name=message.type_name, on_reply=on_reply,
+                     on_failure=on_failure or self._log_failure, timeout=self.timeout if timeout is None else timeout,
+                     retries=self.retries if retries is None else retries, attempts=0, started=time.perf_counter())
+        self._pending[msg_id] = p
+        self._send(msg_id, p)
+        self.metrics.message(message.type_name, "out")
+        return msg_id
+
+    def _send(self, msg_id: bytes, p: _Pending, *, attempt: bool = True) -> None:
+        if attempt:
+            p.attempts += 1
+        p.timer = self.reactor.call_later(p.timeout, lambda: self._expired(msg_id))
+        try:
+            self.socket.send_multipart([b"", p.frame], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # queue full: the timer treats it as a lost request
+
+    def _expired(self, msg_id: bytes) -> None:
+        p = self._pending.get(msg_id)
+        if p is None:
+            return
+        # Lazy Pirate: the socket may be stuck on a dead connection; start a fresh one and resend
+        # everything still outstanding under the same ids (the server answers repeats from its cache).
+        self.reactor.remove_socket(self.socket)
+        self.socket.close(linger=0)
+        self.socket = self._open()
+        if p.attempts > p.retries:
+            del self._pending[msg_id]
+            self.metrics.error("timeout")
+            p.on_failure(RequestTimeout(f"no reply from {self.endpoint} to {p.type_name} after {p.attempts} attempt(s)"))
+        for other_id, other in list(self._pending.items()):
+            if other.timer is not None:
+                other.timer.cancel()
+            self.metrics.retries.inc()
+            self._send(other_id, other, attempt=other_id == msg_id)
+
+    def _on_readable(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                env = decode(frames[-1], max_frame_bytes=self.max_frame_bytes)
+            except ProtocolError as exc:
+                self.metrics.error(str(exc.code))
+                log.warning("undecodable reply from %s: %s", self.endpoint, exc)
+                continue
+            p = self._pending.pop(env.cid, None)
+            if p is None:
+                continue  # a late answer to a request already retried and answered, or failed
+            if p.timer is not None:
+                p.timer.cancel()
+            self.metrics.message(env.message.type_name, "in")
+            self.metrics.latency(p.type_name, "client", time.perf_counter() - p.started)
+            try:
+                msg = _raise_if_error(env)
+            except MeshError as exc:
+                p.on_failure(exc)
+                continue
+            p.on_reply(msg)
+
+    def _log_failure(self, exc: MeshError) -> None:
+        log.warning("request to %s failed: %s", self.endpoint, exc)
+
+    def close(self) -> None:
+        for p in self._pending.values():
+            if p.timer is not None:
+                p.timer.cancel()
+        self._pending.clear()
+        self.reactor.remove_socket(self.socket)
+        self.socket.close(linger=0)
