@@ -43,7 +43,8 @@ class Record:
     restarts: int = 0
     waiting_on: list[str] = field(default_factory=list)
     stats: AgentStats = field(default_factory=AgentStats)
-    detail: str = ""
+    detail: str = ""  # as the agent last reported it
+    note: str = ""  # what status shows: the agent's detail, or why the twin sees it degraded
 
 
 class DigitalTwin(Agent):
@@ -111,10 +112,14 @@ class DigitalTwin(Agent):
         if rec.instance is not None and rec.state not in (AgentState.STOPPED,):
             rec.last_seen = time.monotonic()
         waiting = self._waiting_on(rec)
-        if waiting != rec.waiting_on:
-            rec.waiting_on = waiting
-            if rec.state == AgentState.WAITING:
-                self._publish(rec, rec.state, "still waiting")
+        changed = waiting != rec.waiting_on
+        rec.waiting_on = waiting
+        if rec.reported in (AgentState.STARTING, AgentState.WAITING) and rec.instance is not None:
+            rec.reported = AgentState.WAITING
+            if rec.state != AgentState.WAITING:
+                self._refresh(rec, "waiting on " + ", ".join(waiting) if waiting else "dependencies ready")
+            elif changed:
+                self._publish(rec, rec.state, "waiting on " + ", ".join(waiting) if waiting else "dependencies ready")
         return ReadyStatus(ready=not waiting, waiting_on=waiting)
 
     @handles(Deregister)
@@ -140,7 +145,7 @@ class DigitalTwin(Agent):
                 depends_on=rec.depends_on, waiting_on=rec.waiting_on if rec.state == AgentState.WAITING else [],
                 last_heartbeat_age_s=None if rec.last_seen is None else round(now - rec.last_seen, 3),
                 uptime_s=round(time.time() - rec.started_at, 1) if live and rec.started_at else None,
-                restarts=rec.restarts, pid=rec.pid, stats=rec.stats, detail=rec.detail))
+                restarts=rec.restarts, pid=rec.pid, stats=rec.stats, detail=rec.note))
         return StatusReply(mesh=self.config.mesh.name, mesh_state=self.mesh_state(),
                            twin_uptime_s=round(time.time() - self.started, 1), agents=agents)
 
@@ -177,6 +182,7 @@ class DigitalTwin(Agent):
 
     def _refresh(self, rec: Record, reason: str) -> None:
         state, detail = self._effective(rec)
+        rec.note = detail
         if state == rec.state:
             return
         previous = rec.state

@@ -83,10 +83,28 @@ def encode(message: Message, *, sender: str, cid: bytes = b"", msg_id: bytes | N
     return mid, frame
 
 
+def _peek_header(frame: bytes) -> tuple[bytes, str, str]:
+    """Id, sender and type of an oversized frame, read without unpacking its body, so the
+    error reply can still be correlated. Empty values when the header is not readable."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame))
+    try:
+        unpacker.feed(frame)
+        if unpacker.read_array_header() != 8 or unpacker.unpack() != FRAME_FORMAT:
+            return b"", "", ""
+        type_name, _version, mid, _cid, sender = (unpacker.unpack() for _ in range(5))
+    except Exception:
+        return b"", "", ""
+    if not (isinstance(mid, bytes) and isinstance(sender, str) and isinstance(type_name, str)):
+        return b"", "", ""
+    return mid, sender, type_name
+
+
 def decode(frame: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Envelope:
     """Turns a frame into an Envelope or raises a ProtocolError subclass saying what is wrong."""
     if len(frame) > max_frame_bytes:
+        mid, sender, type_name = _peek_header(frame)
         raise FrameTooLarge(f"frame of {len(frame)} bytes is over the limit of {max_frame_bytes} bytes",
+                            msg_id=mid, sender=sender, type_name=type_name,
                             detail={"size": len(frame), "limit": max_frame_bytes})
     try:
         raw = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)

@@ -208,7 +208,7 @@ class RpcClient:
             self.socket.send(frame)
             if self.socket.poll(timeout * 1000, zmq.POLLIN):
                 env = decode(self.socket.recv(), max_frame_bytes=self.max_frame_bytes)
-                if env.cid != msg_id:
+                if env.cid != msg_id and not (isinstance(env.message, Error) and env.cid == b""):
                     raise MeshError(ErrorCode.UNDECODABLE, "reply does not answer this request (correlation id differs)")
                 if self.metrics is not None:
                     self.metrics.latency(message.type_name, "client", time.perf_counter() - started)

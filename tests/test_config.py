@@ -1,0 +1,158 @@
+"""Config loading: the shipped files are valid, and every kind of mistake is named with its path and a fix."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agents.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "hosts": {"a": {"address": "127.0.0.1"}, "b": {"address": "127.0.0.2"}},
+    "groups": {"core": {"host": "a", "agents": ["twin", "x"]}, "far": {"host": "b", "agents": ["y"]}},
+    "agents": {"twin": {"kind": "digital_twin"}, "x": {"kind": "echo", "depends_on": ["twin"]},
+               "y": {"kind": "echo", "depends_on": ["x"]}},
+}
+
+
+def cfg(**changes):
+    data = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("name", ["local", "mainpc", "pc2", "mesh"])
+def test_shipped_configs_load(name):
+    c = load_config(ROOT / "config" / f"{name}.yaml")
+    assert c.twin == "twin"
+    assert [a for level in c.start_order() for a in level][0] == "twin"
+
+
+def test_host_files_share_the_mesh_and_differ_only_in_host():
+    main, pc2 = load_config(ROOT / "config/mainpc.yaml"), load_config(ROOT / "config/pc2.yaml")
+    assert (main.this_host, pc2.this_host) == ("mainpc", "pc2")
+    assert main.model_dump(exclude={"host"}) == pc2.model_dump(exclude={"host"})
+
+
+def test_addresses_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MAINPC_ADDRESS", "10.9.8.7")
+    c = load_config(ROOT / "config/mainpc.yaml")
+    assert c.endpoint("twin") == "tcp://10.9.8.7:7100"
+
+
+def test_ports_are_assigned_in_order_and_offset():
+    c = parse_config(cfg(mesh={"base_port": 9000, "port_offset": 100}))
+    assert (c.port("twin", "rpc"), c.port("twin", "pub"), c.port("twin", "metrics")) == (9100, 9101, 9102)
+    assert c.port("x", "rpc") == 9103
+    assert c.port("y", "rpc") == 9100  # other host, its own range
+    assert c.endpoint("y", "pub") == "tcp://127.0.0.2:9101"
+
+
+def test_start_order_follows_dependencies():
+    assert parse_config(cfg()).start_order() == [["twin"], ["x"], ["y"]]
+
+
+def problems(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "f.yaml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize("data, path, words", [
+    (cfg(agents__y__depends_on=["nope"]), "agents.y.depends_on[0]", "unknown agent 'nope'"),
+    (cfg(agents__y__depends_on=["y"]), "agents.y.depends_on[0]", "cannot depend on itself"),
+    (cfg(agents__x__depends_on=["y"]), "agents.", "dependency cycle"),
+    (cfg(groups__far__host="c"), "groups.far.host", "host 'c' is not declared"),
+    (cfg(groups__far__agents=["y", "x"]), "groups.far.agents[1]", "already in group 'core'"),
+    (cfg(groups__far__agents=[]), "agents.y", "in no group"),
+    (cfg(groups__far__agents=["y", "ghost"]), "groups.far.agents[1]", "'ghost' is not declared"),
+    (cfg(agents__x__endpoints={"rpc": 7000}, agents__twin__endpoints={"pub": 7000}),
+     "agents.x.endpoints.rpc", "port 7000 on host 'a' is already used by twin.pub"),
+    (cfg(agents__x__kind="digital_twin"), "agents", "exactly one agent of kind 'digital_twin'"),
+    (cfg(agents__twin__depends_on=["x"]), "agents.twin.depends_on", "cannot depend on other agents"),
+    (cfg(agents__x__colour="red"), "agents.x.colour", "Extra inputs are not permitted"),
+    (cfg(agents__x__required="perhaps"), "agents.x.required", "valid boolean"),
+    (cfg(mesh={"heartbeat_interval_s": -1}), "mesh.heartbeat_interval_s", "greater than 0"),
+    (cfg(stores={"documents": "mysql://x"}), "stores.documents", "sqlite:///"),
+    (cfg(host="c"), "host", "not declared"),
+    (cfg(hosts={"A b": {"address": "x"}}), "hosts.A b", "not allowed"),
+])
+def test_mistakes_name_file_path_and_fix(data, path, words):
+    text = problems(data)
+    assert f"f.yaml: {path}" in text
+    assert words in text
+    assert "fix:" in text
+
+
+def test_cycle_is_spelled_out():
+    data = cfg(agents__x__depends_on=["y"])
+    assert "x -> y -> x" in problems(data) or "y -> x -> y" in problems(data)
+
+
+def test_every_problem_is_reported_at_once():
+    text = problems(cfg(agents__y__depends_on=["nope"], groups__far__host="c"))
+    assert "2 problem(s)" in text and "nope" in text and "'c'" in text
+
+
+def test_bad_yaml_names_line_and_column(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("hosts:\n  a: {address: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert "bad.yaml: line 3" in str(info.value) and "not valid YAML" in str(info.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("- a\n- b\n", "expected a mapping"),
+    ("", "hosts"),
+    ("hosts: 5\ngroups: {}\nagents: {}\n", "hosts"),
+])
+def test_wrong_shapes(tmp_path, text, words):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert words in str(info.value)
+
+
+def test_missing_file_and_missing_variable(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "none.yaml")
+    monkeypatch.delenv("NO_SUCH_VAR", raising=False)
+    data = cfg(hosts={"a": {"address": "${NO_SUCH_VAR}"}, "b": {"address": "x"}})
+    text = problems(data)
+    assert "hosts.a.address" in text and "NO_SUCH_VAR is not set" in text
+
+
+def test_extends_merges_and_detects_loops(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nhost: b\nmesh: {port_offset: 5}\n")
+    c = load_config(tmp_path / "child.yaml")
+    assert c.this_host == "b" and c.mesh.port_offset == 5 and set(c.agents) == {"twin", "x", "y"}
+    (tmp_path / "l1.yaml").write_text("extends: l2.yaml\n")
+    (tmp_path / "l2.yaml").write_text("extends: l1.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(tmp_path / "l1.yaml")
+
+
+def test_which_host_must_be_said_when_there_are_several():
+    c = parse_config(cfg())
+    with pytest.raises(ConfigError, match="add `host: NAME`"):
+        c.this_host
+    assert parse_config(cfg(), host="b").agents_on("b") == ["y"]
+
+
+def test_optional_dependencies_do_not_change_the_order():
+    c = parse_config(cfg(agents__x__required=False))
+    assert c.start_order() == [["twin"], ["x"], ["y"]]
+    assert c.agents["x"].required is False

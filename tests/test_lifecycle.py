@@ -1,0 +1,155 @@
+"""The shared agent lifecycle against a real twin: registration, the start-up gate, heartbeats,
+twin restarts, draining. Agents run on threads of the test process with real sockets."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import zmq
+
+from agents.control import client, fetch_status
+from agents.health import probe
+from network.messages import Echo, Ping, Register, StateChanged
+from network.metrics import MeshMetrics
+from network.pubsub import Subscriber
+from network.rpc import MeshError
+from tests.conftest import mesh_dict, wait_for
+
+
+def states(config) -> dict[str, str]:
+    return {a.agent: a.state for a in fetch_status(config, timeout=1).agents}
+
+
+def status_of(config, agent):
+    return next(a for a in fetch_status(config, timeout=1).agents if a.agent == agent)
+
+
+class Events:
+    """Records the twin's state events."""
+
+    def __init__(self, config):
+        self.ctx = zmq.Context()
+        self.seen: list[StateChanged] = []
+        self.sub = Subscriber(self.ctx, lambda t, env: self.seen.append(env.message), metrics=MeshMetrics("t", "t"))
+        self.sub.connect(config.endpoint(config.twin, "pub"))
+        self.sub.subscribe("twin.state")
+
+    def pump(self):
+        self.sub.on_readable()
+        return self.seen
+
+    def of(self, agent):
+        self.pump()
+        return [e.state for e in self.seen if e.agent == agent]
+
+    def close(self):
+        self.sub.close()
+        self.ctx.term()
+
+
+def test_start_up_waits_for_dependencies_and_says_on_what(write_config, run_agents):
+    _, cfg = write_config(mesh_dict({
+        "store": {"kind": "echo", "depends_on": ["twin"]},
+        "worker": {"kind": "echo", "depends_on": ["store"]},
+    }))
+    run_agents(cfg, "twin", "worker")
+    wait_for(lambda: status_of(cfg, "worker").state == "waiting", what="worker waiting")
+    worker = status_of(cfg, "worker")
+    assert worker.waiting_on == ["store"]
+    assert states(cfg)["store"] == "declared"
+    assert fetch_status(cfg).mesh_state == "starting"
+    code, text = probe(cfg.source, "worker")
+    assert code == 1 and "waiting" in text
+    run_agents(cfg, "store")
+    wait_for(lambda: states(cfg) == {"twin": "ready", "store": "ready", "worker": "ready"}, what="all ready")
+    assert fetch_status(cfg).mesh_state == "ready"
+    assert probe(cfg.source, "worker")[0] == 0
+
+
+def test_optional_agent_never_blocks_and_degrades_the_mesh(write_config, run_agents):
+    _, cfg = write_config(mesh_dict({
+        "extra": {"kind": "echo", "depends_on": ["twin"], "required": False},
+        "main": {"kind": "echo", "depends_on": ["extra"]},
+    }))
+    run_agents(cfg, "twin", "main")
+    wait_for(lambda: states(cfg)["main"] in ("ready", "degraded"), what="main up without its optional dependency")
+    st = fetch_status(cfg)
+    assert st.mesh_state == "degraded"
+    assert status_of(cfg, "main").state == "degraded" and "extra" in status_of(cfg, "main").detail
+    run_agents(cfg, "extra")
+    wait_for(lambda: fetch_status(cfg).mesh_state == "ready", what="mesh ready once extra is up")
+
+
+def test_state_changes_are_published_and_drain_deregisters(write_config, run_agents):
+    _, cfg = write_config(mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]},
+                                     "b": {"kind": "echo", "depends_on": ["a"]}}))
+    (twin,) = run_agents(cfg, "twin")
+    events = Events(cfg)
+    try:
+        wait_for(lambda: states(cfg)["twin"] == "ready", what="twin")
+        a, b = run_agents(cfg, "a", "b")
+        wait_for(lambda: states(cfg) == {"twin": "ready", "a": "ready", "b": "ready"}, what="ready")
+        wait_for(lambda: "ready" in events.of("b"), what="b's ready event")
+        assert events.of("a")[0] in ("starting", "waiting") and events.of("a")[-1] == "ready"
+        a.stop()
+        wait_for(lambda: states(cfg)["a"] == "stopped", what="a stopped")
+        wait_for(lambda: states(cfg)["b"] == "degraded", what="b degraded without a")
+        assert "stopped" in events.of("a") and events.of("b")[-1] == "degraded"
+        run_agents(cfg, "a")
+        wait_for(lambda: states(cfg)["b"] == "ready", what="b ready again")
+        assert status_of(cfg, "a").restarts == 1
+    finally:
+        events.close()
+
+
+def test_restarted_twin_gets_every_agent_back(write_config, run_agents):
+    _, cfg = write_config(mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]},
+                                     "b": {"kind": "echo", "depends_on": ["a"]}}))
+    twin, a, b = run_agents(cfg, "twin", "a", "b")
+    wait_for(lambda: set(states(cfg).values()) == {"ready"}, what="ready")
+    pids = {s.agent: s.pid for s in fetch_status(cfg).agents}
+    twin.stop()
+    # the agents keep serving while the twin is away
+    with client(cfg, "b", timeout=1) as c:
+        assert c.request(Echo(seq=1)).seq == 1
+    run_agents(cfg, "twin")
+    wait_for(lambda: set(states(cfg).values()) == {"ready"}, timeout=10, what="agents re-registered with the new twin")
+    st = fetch_status(cfg)
+    assert all(s.restarts == 0 for s in st.agents)
+    assert {s.agent: s.pid for s in st.agents} == pids
+
+
+def test_twin_rejects_undeclared_agents(write_config, run_agents):
+    _, cfg = write_config(mesh_dict({}))
+    run_agents(cfg, "twin")
+    wait_for(lambda: states(cfg)["twin"] == "ready", what="twin")
+    with client(cfg, "twin") as c:
+        try:
+            c.request(Register(agent="stranger", kind="echo", host="local", instance="x", pid=1))
+        except MeshError as exc:
+            assert exc.code == "unknown_agent" and exc.detail["declared"] == ["twin"]
+        else:
+            raise AssertionError("an undeclared agent was accepted")
+
+
+def test_every_agent_answers_ping_and_serves_metrics(write_config, run_agents):
+    _, cfg = write_config(mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]}}))
+    run_agents(cfg, "twin", "a")
+    wait_for(lambda: states(cfg)["a"] == "ready", what="a ready")
+    with client(cfg, "a") as c:
+        pong = c.request(Ping())
+        c.request(Echo(seq=3))
+    assert (pong.agent, pong.kind, pong.state) == ("a", "echo", "ready")
+    for agent in ("twin", "a"):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{cfg.port(agent, 'metrics')}/metrics", timeout=5).read().decode()
+        for name in ("mesh_messages_total", "mesh_errors_total", "mesh_request_latency_seconds_bucket",
+                     "mesh_agent_uptime_seconds", 'mesh_agent_state{mesh_agent_state="ready"} 1.0'):
+            assert name in body, (agent, name)
+    assert 'mesh_messages_total{direction="in",type="mesh.echo"} 1.0' in body
+
+
+def test_health_probe_for_an_agent_that_is_not_running(write_config):
+    path, cfg = write_config(mesh_dict({"a": {"kind": "echo"}}))
+    code, text = probe(str(path), "a", timeout=0.3)
+    assert code == 2 and "no answer" in text
+    assert probe(str(path), "nobody")[0] == 2
