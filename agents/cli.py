@@ -43,7 +43,9 @@ def _load(path: str, host: str | None = None) -> MeshConfig:
 @app.command()
 def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
        only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these agents (repeatable)."),
-       log_level: str = typer.Option("INFO", "--log-level", help="Agents' log level.")) -> None:
+       log_level: str = typer.Option("INFO", "--log-level", help="Agents' log level."),
+       restart_backoff: float = typer.Option(0.5, "--restart-backoff", help="First restart delay in seconds; doubles "
+                                             "on each crash up to 30 s, and resets after 30 s up.")) -> None:
     """Start every agent of this host, restart crashed ones, stop all on Ctrl-C."""
     from rich.logging import RichHandler
 
@@ -55,7 +57,7 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
     logging.basicConfig(level="INFO", format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
     cfg = _load(config, host)
     try:
-        sup = Supervisor(cfg, host=host, only=only, log_level=log_level)
+        sup = Supervisor(cfg, host=host, only=only, log_level=log_level, backoff_initial_s=restart_backoff)
     except (ValueError, ConfigError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -180,13 +180,13 @@ class Agent:
 
     def start(self) -> None:
         mesh = self.config.mesh
-        self.ctx = zmq.Context()
         identity = None
         if self.config.curve_enabled(self.host):
             try:
                 identity = load_identity(self.config.security.keys_dir, self.host)
             except Exception as exc:
                 raise StartupError(str(exc)) from None
+        self.ctx = zmq.Context()
         self.guard = Guard(self.ctx, identity)
         try:
             self.server = RpcServer(self.ctx, self.config.bind_endpoint(self.name, "rpc"), sender=self.name,

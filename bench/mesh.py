@@ -1,0 +1,460 @@
+"""Mesh overhead over raw ZeroMQ: request/reply round trip and pub/sub throughput, in one run.
+
+What is measured (every side in a process of its own, loopback TCP, a 100-byte payload by default):
+
+* rpc raw   -- pyzmq REQ (this process) -> REP (worker process). The request is the msgpack map
+               {"payload": <bytes>, "seq": i}, the same fields as the mesh's `Echo` body; the server
+               unpacks it and packs it back; the client unpacks the reply and checks `seq`.
+* rpc mesh  -- network.rpc.RpcClient (this process) -> the `echo` agent (agents/echo.py) run by
+               `python -m agents.cli up` from a generated config (twin + echo, free ports, temp
+               data_dir). Full production path: envelope, pydantic validation on both sides,
+               metrics, reactor, reply cache.
+* pubsub raw  -- PUB in one worker process sending [b"mesh.echo", msgpack body] as fast as it can;
+                 SUB in another worker receiving and msgpack-decoding.
+* pubsub mesh -- network.pubsub.Publisher publishing `Echo` messages in one worker;
+                 network.pubsub.Subscriber (on a Reactor, `on_readable`) decoding and validating
+                 them in another.
+
+Round trip: mean over N sequential requests (p50/p99 shown too). Throughput: the publisher
+publishes without pacing (PUB drops at its high-water mark, 100k on both sides, as in the mesh);
+the subscriber skips a warm-up period after its first message, then counts what it actually
+received and decoded in a fixed window: received/s. The sequence numbers it saw give the number
+published over that window, so drops are reported too.
+
+Each measurement is repeated (raw and mesh interleaved, order alternating) and the median taken.
+The last line is machine-readable:
+
+    RESULT rpc_ratio=<mesh/raw round trip> pubsub_ratio=<mesh/raw throughput> rpc_raw_us=.. ...
+
+Usage: .venv/bin/python bench/mesh.py [--quick] [--payload 100] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import msgpack  # noqa: E402
+import zmq  # noqa: E402
+
+from bench._util import MeshUp, free_port_block, install_sigterm_as_interrupt, scan_logs, write_config  # noqa: E402
+
+TOPIC = "mesh.echo"
+HWM = 100_000  # the mesh's Publisher and Subscriber defaults; the raw sockets use the same
+
+
+def _packer():
+    # The same packer settings as network/codec.py.
+    return msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def _unpack(frame: bytes):
+    return msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+
+
+# --- worker processes ----------------------------------------------------------------------------------
+# Each worker serves commands from the bench process over a Pipe; EOF (the bench process died) ends it.
+
+
+def raw_rep_worker(conn) -> None:
+    """REP server: unpack the request, pack it back. An empty frame stops it."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP)
+    sock.linger = 0
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    conn.send(port)
+    packb = _packer()
+    try:
+        while True:
+            frame = sock.recv()
+            if not frame:
+                sock.send(b"")
+                break
+            sock.send(packb(_unpack(frame)))
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def pub_worker(conn) -> None:
+    """Per command ("raw"|"mesh", payload_size): bind, report the endpoint, wait for "go", publish
+    until told to stop, report (sent, seconds)."""
+    from network.messages import Echo
+    from network.metrics import MeshMetrics
+    from network.pubsub import Publisher
+
+    ctx = zmq.Context()
+    try:
+        while True:
+            try:
+                cmd = conn.recv()
+            except EOFError:
+                return
+            if cmd is None:
+                return
+            mode, size = cmd
+            payload = os.urandom(size)
+            if mode == "raw":
+                sock = ctx.socket(zmq.PUB)
+                sock.linger = 0
+                sock.sndhwm = HWM
+                sock.bind("tcp://127.0.0.1:*")
+                endpoint = sock.last_endpoint.decode()
+                closer = sock.close
+            else:
+                pub = Publisher(ctx, "tcp://127.0.0.1:*", sender="bench-pub", metrics=MeshMetrics("bench-pub", "bench"))
+                endpoint, closer = pub.endpoint, pub.close
+            conn.send(endpoint)
+            if conn.recv() != "go":
+                closer()
+                continue
+            sent = 0
+            started = time.perf_counter()
+            if mode == "raw":
+                packb, send, topic = _packer(), sock.send_multipart, TOPIC.encode()
+                while not conn.poll():
+                    for _ in range(256):
+                        send([topic, packb({"payload": payload, "seq": sent})])
+                        sent += 1
+            else:
+                publish = pub.publish
+                while not conn.poll():
+                    for _ in range(256):
+                        publish(Echo(payload=payload, seq=sent))
+                        sent += 1
+            elapsed = time.perf_counter() - started
+            conn.recv()  # "stop"
+            closer()
+            conn.send((sent, elapsed))
+    finally:
+        ctx.term()
+
+
+def sub_worker(conn) -> None:
+    """Per command ("raw"|"mesh", endpoint, warmup_s, window_s): connect, subscribe, report "ready";
+    after the first message skip warmup_s, then count received messages for window_s; report
+    (received, seconds, first seq, last seq) or an error string."""
+    from network.messages import Echo
+    from network.metrics import MeshMetrics
+    from network.pubsub import Subscriber
+    from network.reactor import Reactor
+
+    ctx = zmq.Context()
+    try:
+        while True:
+            try:
+                cmd = conn.recv()
+            except EOFError:
+                return
+            if cmd is None:
+                return
+            mode, endpoint, warmup_s, window_s = cmd
+            state = {"n": 0, "seq": -1}
+            if mode == "raw":
+                sock = ctx.socket(zmq.SUB)
+                sock.linger = 0
+                sock.rcvhwm = HWM
+                sock.connect(endpoint)
+                sock.setsockopt(zmq.SUBSCRIBE, TOPIC.encode())
+                recv = sock.recv_multipart
+
+                def pump(wait_s: float) -> None:
+                    if not sock.poll(wait_s * 1000):
+                        return
+                    n, seq = state["n"], state["seq"]
+                    for _ in range(1000):
+                        try:
+                            frames = recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        seq = _unpack(frames[1])["seq"]
+                        n += 1
+                    state["n"], state["seq"] = n, seq
+
+                closer = sock.close
+            else:
+                def on_message(topic: str, env) -> None:
+                    msg = env.message
+                    assert type(msg) is Echo
+                    state["n"] += 1
+                    state["seq"] = msg.seq
+
+                sub = Subscriber(ctx, on_message, metrics=MeshMetrics("bench-sub", "bench"))
+                sub.connect(endpoint)
+                sub.subscribe(TOPIC)
+                reactor = Reactor()
+                sub.attach(reactor)
+
+                def pump(wait_s: float) -> None:
+                    reactor.run_once(wait_s)
+
+                closer = sub.close
+            conn.send("ready")
+            deadline = time.monotonic() + 10.0
+            while state["n"] == 0 and time.monotonic() < deadline:
+                pump(0.05)
+            if state["n"] == 0:
+                closer()
+                conn.send("no message within 10 s")
+                continue
+            perf = time.perf_counter
+            end = perf() + warmup_s
+            while perf() < end:
+                pump(0.05)
+            n0, seq0, t0 = state["n"], state["seq"], perf()
+            end = t0 + window_s
+            while (t := perf()) < end:
+                pump(0.05)
+            received, last_seq = state["n"] - n0, state["seq"]
+            closer()
+            conn.send((received, t - t0, seq0, last_seq))
+    finally:
+        ctx.term()
+
+
+class Worker:
+    def __init__(self, ctx, target, name: str):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child,), name=name, daemon=True)
+        self.proc.start()
+        child.close()
+
+    def ask(self, msg, timeout: float = 30.0):
+        self.conn.send(msg)
+        return self.recv(timeout)
+
+    def recv(self, timeout: float = 30.0):
+        if not self.conn.poll(timeout):
+            raise RuntimeError(f"worker {self.proc.name} did not answer within {timeout:.0f}s")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.proc.join(3)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(3)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+# --- measurements ----------------------------------------------------------------------------------------
+
+
+def rpc_raw(sock: zmq.Socket, payload: bytes, n: int) -> list[float]:
+    packb, perf, send, recv = _packer(), time.perf_counter, sock.send, sock.recv
+    times = []
+    for i in range(n):
+        t = perf()
+        send(packb({"payload": payload, "seq": i}))
+        reply = _unpack(recv())
+        times.append(perf() - t)
+        if reply["seq"] != i:
+            raise RuntimeError(f"raw reply seq {reply['seq']} != {i}")
+    return times
+
+
+def rpc_mesh(client, payload: bytes, n: int) -> list[float]:
+    from network.messages import Echo
+
+    perf, request = time.perf_counter, client.request
+    times = []
+    for i in range(n):
+        t = perf()
+        reply = request(Echo(payload=payload, seq=i))
+        times.append(perf() - t)
+        if reply.seq != i:
+            raise RuntimeError(f"mesh reply seq {reply.seq} != {i}")
+    return times
+
+
+def pubsub(pub: Worker, sub: Worker, mode: str, size: int, warmup_s: float, window_s: float) -> dict:
+    endpoint = pub.ask((mode, size))
+    ready = sub.ask((mode, endpoint, warmup_s, window_s))
+    assert ready == "ready", ready
+    pub.conn.send("go")
+    result = sub.recv(timeout=warmup_s + window_s + 30)
+    pub.conn.send("stop")
+    sent, pub_s = pub.recv()
+    if isinstance(result, str):
+        raise RuntimeError(f"pub/sub {mode}: {result}")
+    received, seconds, seq0, seq1 = result
+    published = max(seq1 - seq0, received)
+    return {"per_s": received / seconds, "sent_per_s": sent / pub_s, "drop_pct": 100.0 * (1 - received / published)}
+
+
+def summary(times: list[float]) -> dict:
+    s = sorted(times)
+    return {"mean": statistics.fmean(s), "p50": s[len(s) // 2], "p99": s[min(len(s) - 1, int(len(s) * 0.99))]}
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def start_echo_mesh(tmp: Path) -> tuple[MeshUp, object]:
+    from agents.config import load_config
+
+    base = free_port_block(12)
+    data = {
+        "mesh": {"name": "bench", "base_port": base, "heartbeat_interval_s": 1.0, "data_dir": str(tmp / "data")},
+        "hosts": {"local": {"address": "127.0.0.1"}},
+        "groups": {"core": {"host": "local", "agents": ["twin"]}, "tools": {"host": "local", "agents": ["echo"]}},
+        "agents": {"twin": {"kind": "digital_twin"}, "echo": {"kind": "echo", "depends_on": ["twin"]}},
+        "security": {"curve": "off"},
+    }
+    path = write_config(data, tmp / "mesh.yaml")
+    config = load_config(path)
+    return MeshUp(path, out=tmp / "meshctl-up.out"), config
+
+
+def wait_ready(up: MeshUp, config, agent: str, timeout: float = 30.0) -> float:
+    from agents.control import fetch_status
+    from network.rpc import MeshError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not up.running():
+            raise RuntimeError(f"meshctl up exited early:\n{up.output()[-3000:]}")
+        try:
+            status = fetch_status(config, timeout=0.5)
+        except MeshError:
+            time.sleep(0.1)
+            continue
+        if any(a.agent == agent and a.state == "ready" for a in status.agents):
+            return time.monotonic() - up.started
+        time.sleep(0.1)
+    raise RuntimeError(f"{agent} not ready within {timeout:.0f}s:\n{up.output()[-3000:]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter windows (~15 s)")
+    ap.add_argument("--payload", type=int, default=100, help="payload bytes (default 100)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions of each measurement (default 5, quick 3)")
+    ap.add_argument("--calls", type=int, default=None, help="round trips per rpc measurement (default 4000, quick 1500)")
+    ap.add_argument("--window", type=float, default=None, help="pub/sub counting window in s (default 1.5, quick 0.6)")
+    args = ap.parse_args()
+    reps = args.reps or (3 if args.quick else 5)
+    calls = args.calls or (1500 if args.quick else 4000)
+    window = args.window or (0.6 if args.quick else 1.5)
+    warmup = 0.2 if args.quick else 0.4
+    payload = os.urandom(args.payload)
+    install_sigterm_as_interrupt()
+
+    from network.rpc import RpcClient
+
+    started = time.monotonic()
+    mpctx = mp.get_context("spawn")
+    workers: list[Worker] = []
+    up: MeshUp | None = None
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="bench-mesh-")
+    tmp = Path(tmp_ctx.name)
+    zctx = zmq.Context()
+    raw_sock = client = None
+    problems: list[str] = []
+    try:
+        up, config = start_echo_mesh(tmp)
+        rep_worker = Worker(mpctx, raw_rep_worker, "raw-rep")
+        pub = Worker(mpctx, pub_worker, "pub")
+        sub = Worker(mpctx, sub_worker, "sub")
+        workers += [rep_worker, pub, sub]
+        ready_s = wait_ready(up, config, "echo")
+        print(f"echo agent ready {ready_s:.1f}s after `meshctl up` (data dir {tmp}); "
+              f"payload {args.payload} B, {reps} reps, {calls} calls, {window}s windows", flush=True)
+
+        raw_sock = zctx.socket(zmq.REQ)
+        raw_sock.linger = 0
+        raw_sock.connect(f"tcp://127.0.0.1:{rep_worker.recv()}")
+        client = RpcClient(config.endpoint("echo", "rpc"), sender="bench", timeout=5.0, retries=0)
+
+        # Warm-up: connections, caches, allocator, both servers' first requests.
+        rpc_raw(raw_sock, payload, 500)
+        rpc_mesh(client, payload, 500)
+        pubsub(pub, sub, "raw", args.payload, 0.1, 0.1)
+        pubsub(pub, sub, "mesh", args.payload, 0.1, 0.1)
+
+        rpc = {"raw": [], "mesh": []}
+        ps = {"raw": [], "mesh": []}
+        for rep in range(reps):
+            order = ("raw", "mesh") if rep % 2 == 0 else ("mesh", "raw")
+            for mode in order:
+                times = rpc_raw(raw_sock, payload, calls) if mode == "raw" else rpc_mesh(client, payload, calls)
+                rpc[mode].append(summary(times))
+            for mode in order:
+                ps[mode].append(pubsub(pub, sub, mode, args.payload, warmup, window))
+            print(f"  rep {rep + 1}/{reps}: rpc raw {rpc['raw'][-1]['mean'] * 1e6:.1f} us, "
+                  f"mesh {rpc['mesh'][-1]['mean'] * 1e6:.1f} us; pubsub raw {ps['raw'][-1]['per_s']:,.0f}/s, "
+                  f"mesh {ps['mesh'][-1]['per_s']:,.0f}/s", flush=True)
+    finally:
+        if client is not None:
+            client.close()
+        if raw_sock is not None:
+            try:
+                raw_sock.send(b"")  # stops the REP worker
+                raw_sock.poll(1000)
+            except zmq.ZMQError:
+                pass
+            raw_sock.close(0)
+        zctx.term()
+        for w in workers:
+            w.stop()
+        if up is not None:
+            leftovers = up.stop()
+            if leftovers:
+                problems.append(f"killed processes left after meshctl up stopped: {leftovers}")
+            problems += scan_logs(tmp / "data" / "logs")
+            out = up.output()
+            for line in out.splitlines():
+                if any(w in line for w in ("Traceback", "ERROR", "WARNING", "Error")):
+                    problems.append(f"meshctl-up: {line.strip()[:300]}")
+        tmp_ctx.cleanup()
+
+    def med(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    rpc_raw_us, rpc_mesh_us = med(rpc["raw"], "mean") * 1e6, med(rpc["mesh"], "mean") * 1e6
+    ps_raw, ps_mesh = med(ps["raw"], "per_s"), med(ps["mesh"], "per_s")
+    rpc_ratio, ps_ratio = rpc_mesh_us / rpc_raw_us, ps_mesh / ps_raw
+
+    print()
+    print(f"{'request/reply (medians of ' + str(reps) + ')':<34}{'mean us':>10}{'p50 us':>10}{'p99 us':>10}")
+    for mode in ("raw", "mesh"):
+        print(f"  {mode:<32}{med(rpc[mode], 'mean') * 1e6:>10.1f}{med(rpc[mode], 'p50') * 1e6:>10.1f}"
+              f"{med(rpc[mode], 'p99') * 1e6:>10.1f}")
+    print(f"  {'mesh / raw':<32}{rpc_ratio:>10.2f}   (target <= 1.5)")
+    print()
+    print(f"{'pub/sub (medians of ' + str(reps) + ')':<34}{'recv/s':>12}{'sent/s':>12}{'dropped':>9}")
+    for mode in ("raw", "mesh"):
+        print(f"  {mode:<32}{med(ps[mode], 'per_s'):>12,.0f}{med(ps[mode], 'sent_per_s'):>12,.0f}"
+              f"{med(ps[mode], 'drop_pct'):>8.1f}%")
+    print(f"  {'mesh / raw':<32}{ps_ratio:>12.2f}   (target >= 0.5)")
+    print()
+    if problems:
+        print(f"{len(problems)} warning(s)/error(s) in agent logs or meshctl output:")
+        for p in problems[:20]:
+            print("  " + p)
+    else:
+        print("agent logs: no warnings or errors")
+    print(f"total {time.monotonic() - started:.1f}s")
+    print(f"RESULT rpc_ratio={rpc_ratio:.3f} pubsub_ratio={ps_ratio:.3f} rpc_raw_us={rpc_raw_us:.1f} "
+          f"rpc_mesh_us={rpc_mesh_us:.1f} pubsub_raw_per_s={ps_raw:.0f} pubsub_mesh_per_s={ps_mesh:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
