@@ -1,0 +1,238 @@
+"""Start-up time and twin load of a 100-agent, two-host mesh.
+
+The generated config (temp dir, free ports, heartbeat_interval_s 1.0, CURVE off) has:
+
+* two hosts, h1 = 127.0.0.1 and h2 = 127.0.0.2 (all of 127/8 is loopback on Linux; when
+  127.0.0.2 cannot be bound both hosts use 127.0.0.1 and h2's agents get explicit ports);
+* the digital twin (on h1) and 99 `echo` agents in 6 dependency levels (17+17+17+16+16+16):
+  every agent of level L depends on one agent of level L-1, so each chain is 6 deep, and
+  consecutive agents of a chain sit on alternate hosts;
+* one container group per (host, level) plus the twin's own group: 13 groups on both hosts.
+
+Measured:
+
+* all_ready_s   -- seconds from launching the two `python -m agents.cli up --config FILE --host hN`
+                   processes until agents.control.fetch_status() shows every agent `ready`
+                   (polled every 0.1 s);
+* twin_cpu_pct  -- after a 2 s settle, the twin process's utime+stime from /proc/PID/stat over
+                   10 s of steady state at 1 s heartbeats (pid from the status reply), in percent
+                   of one core. Nothing polls the twin from here during that window; the two `up`
+                   processes do (once a second each), as in production.
+
+For context it also prints the CPU of all agents together and of the two `up` processes over the
+same window, and the time the stop took. Both `up` processes are stopped with SIGINT; anything of
+their sessions still alive after 30 s is killed by pid and reported. Agent logs (temp data_dir)
+are scanned for warnings and errors. The last line is:
+
+    RESULT all_ready_s=<seconds> twin_cpu_pct=<percent of one core>
+
+Usage: .venv/bin/python bench/startup.py [--quick] [--agents 100] [--levels 6] [--window 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._util import (  # noqa: E402
+    MeshUp, alive, can_bind, cpu_seconds, free_port_block, install_sigterm_as_interrupt, scan_logs, write_config,
+)
+
+H1, H2 = "127.0.0.1", "127.0.0.2"
+
+
+def build_config(tmp: Path, n_agents: int, n_levels: int) -> tuple[dict, list[str]]:
+    notes = []
+    two_addresses = can_bind(H2)
+    if not two_addresses:
+        notes.append(f"cannot bind {H2}: both hosts use {H1} (h2's agents get explicit ports)")
+    addr2 = H2 if two_addresses else H1
+    echoes = n_agents - 1
+    sizes = [echoes // n_levels + (1 if i < echoes % n_levels else 0) for i in range(n_levels)]
+    per_host_ports = 3 * (n_agents // 2 + 2)
+    base = free_port_block(per_host_ports + (0 if two_addresses else per_host_ports + 10), [H1, addr2])
+    agents: dict[str, dict] = {"twin": {"kind": "digital_twin"}}
+    groups: dict[str, dict] = {"core": {"host": "h1", "agents": ["twin"]}}
+    levels: list[list[str]] = []
+    explicit = base + per_host_ports + 10  # only used without a second address
+    for lvl, size in enumerate(sizes, 1):
+        names = []
+        for i in range(size):
+            name = f"l{lvl}-echo{i:02d}"
+            spec: dict = {"kind": "echo"}
+            if lvl > 1:
+                spec["depends_on"] = [levels[-1][i % len(levels[-1])]]
+            host = "h1" if (i + lvl) % 2 == 0 else "h2"
+            if host == "h2" and not two_addresses:
+                spec["endpoints"] = {"rpc": explicit, "pub": explicit + 1, "metrics": explicit + 2}
+                explicit += 3
+            agents[name] = spec
+            groups.setdefault(f"{host}-l{lvl}", {"host": host, "agents": []})["agents"].append(name)
+            names.append(name)
+        levels.append(names)
+    data = {
+        "mesh": {"name": "bench-startup", "base_port": base, "heartbeat_interval_s": 1.0, "dead_after_missed": 3,
+                 "data_dir": str(tmp / "data")},
+        "hosts": {"h1": {"address": H1}, "h2": {"address": addr2}},
+        "groups": groups,
+        "agents": agents,
+        "security": {"curve": "off"},
+    }
+    return data, notes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--agents", type=int, default=100, help="agents including the twin (default 100)")
+    ap.add_argument("--levels", type=int, default=6, help="dependency levels of echo agents (default 6)")
+    ap.add_argument("--window", type=float, default=None, help="CPU measurement window in s (default 10, quick 5)")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds between all-ready and the CPU window")
+    ap.add_argument("--timeout", type=float, default=60.0, help="give up waiting for all-ready after this many s")
+    ap.add_argument("--quick", action="store_true", help="a 5 s CPU window")
+    args = ap.parse_args()
+    window = args.window or (5.0 if args.quick else 10.0)
+    install_sigterm_as_interrupt()
+
+    from agents.config import load_config
+    from agents.control import fetch_status
+    from network.rpc import MeshError
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="bench-startup-")
+    tmp = Path(tmp_ctx.name)
+    data, notes = build_config(tmp, args.agents, args.levels)
+    path = write_config(data, tmp / "mesh.yaml")
+    config = load_config(path)
+    n = len(config.agents)
+    depth = len(config.start_order())
+    print(f"{n} agents ({len(config.agents_on('h1'))} on h1 {config.hosts['h1'].address}, "
+          f"{len(config.agents_on('h2'))} on h2 {config.hosts['h2'].address}), {len(config.groups)} groups, "
+          f"{depth} start levels incl. the twin; config {path}", flush=True)
+    for note in notes:
+        print("note: " + note)
+
+    ups: list[MeshUp] = []
+    problems: list[str] = []
+    all_ready_s = float("inf")
+    twin_pct = float("nan")
+    extra: dict[str, float] = {}
+    timeline: list[tuple[float, int]] = []
+    try:
+        launched = time.monotonic()
+        for host in ("h1", "h2"):
+            ups.append(MeshUp(path, "--host", host, out=tmp / f"meshctl-up-{host}.out"))
+        status = None
+        last_ready = -1
+        deadline = launched + args.timeout
+        while time.monotonic() < deadline:
+            for up in ups:
+                if not up.running():
+                    raise RuntimeError(f"meshctl up (pid {up.pid}) exited early:\n{up.output()[-3000:]}")
+            try:
+                status = fetch_status(config, timeout=0.5)
+            except MeshError:
+                time.sleep(0.1)
+                continue
+            ready = sum(a.state == "ready" for a in status.agents)
+            if ready != last_ready:
+                timeline.append((time.monotonic() - launched, ready))
+                last_ready = ready
+            if ready == n:
+                all_ready_s = time.monotonic() - launched
+                break
+            time.sleep(0.1)
+        if all_ready_s == float("inf"):
+            states: dict[str, int] = {}
+            for a in status.agents if status else []:
+                states[a.state] = states.get(a.state, 0) + 1
+            problems.append(f"not all ready within {args.timeout:.0f}s: {states}")
+        else:
+            marks = [f"{t:.1f}s:{r}" for t, r in timeline]
+            print(f"all {n} agents ready after {all_ready_s:.2f}s (ready count over time: {' '.join(marks[-12:])})",
+                  flush=True)
+
+            time.sleep(args.settle)
+            status = fetch_status(config, timeout=2.0)
+            pids = {a.agent: a.pid for a in status.agents}
+            twin_pid = pids[config.twin]
+            others = [p for a, p in pids.items() if a != config.twin and p]
+            up_pids = [u.pid for u in ups]
+            t0 = time.monotonic()
+            c_twin = cpu_seconds(twin_pid)
+            c_others = {p: cpu_seconds(p) for p in others}
+            c_ups = {p: cpu_seconds(p) for p in up_pids}
+            time.sleep(window)
+            wall = time.monotonic() - t0
+            twin_pct = 100.0 * (cpu_seconds(twin_pid) - c_twin) / wall
+            per_agent = [100.0 * (cpu_seconds(p) - c) / wall for p, c in c_others.items() if cpu_seconds(p) is not None]
+            extra["agents_total_pct"] = sum(per_agent)
+            extra["agent_median_pct"] = statistics.median(per_agent) if per_agent else float("nan")
+            extra["ups_pct"] = sum(100.0 * (cpu_seconds(p) - c) / wall for p, c in c_ups.items())
+            status = fetch_status(config, timeout=2.0)
+            not_ready = [a.agent for a in status.agents if a.state != "ready"]
+            if not_ready:
+                problems.append(f"not ready after the CPU window: {not_ready[:10]}")
+            hb = [a.last_heartbeat_age_s for a in status.agents if a.agent != config.twin and a.last_heartbeat_age_s]
+            extra["max_hb_age_s"] = max(hb) if hb else float("nan")
+            restarts = sum(a.restarts for a in status.agents)
+            if restarts:
+                problems.append(f"{restarts} agent restart(s) reported by the twin")
+            print(f"twin pid {twin_pid}: {twin_pct:.2f}% of one core over {wall:.1f}s; other {len(per_agent)} agents "
+                  f"together {extra['agents_total_pct']:.1f}% (median {extra['agent_median_pct']:.2f}% each); "
+                  f"the two `up` processes {extra['ups_pct']:.1f}%; oldest heartbeat {extra['max_hb_age_s']:.2f}s",
+                  flush=True)
+            all_pids = list(pids.values())
+    finally:
+        stop_started = time.monotonic()
+        for up in ups:
+            up.interrupt()
+        leftovers = []
+        for up in ups:
+            leftovers += up.wait(30.0)
+        stop_s = time.monotonic() - stop_started
+        if ups:
+            print(f"stopped both `up` processes in {stop_s:.1f}s (SIGINT)")
+        if leftovers:
+            problems.append(f"processes still alive 30 s after SIGINT, killed: {leftovers}")
+        if "all_pids" in locals():
+            still = [p for p in all_pids if p and alive(p)]
+            if still:
+                problems.append(f"agent pids still alive after stop: {still}")
+        for up in ups:
+            rc = up.proc.returncode
+            if rc not in (0, None):
+                problems.append(f"meshctl up --host ... exited with {rc}")
+            for line in up.output().splitlines():
+                if any(w in line for w in ("Traceback", "ERROR", "WARNING", "Error")):
+                    problems.append(f"{up.output_path.name}: {line.strip()[:240]}")
+        problems += scan_logs(tmp / "data" / "logs")
+        tmp_ctx.cleanup()
+
+    print()
+    print(f"{'all agents ready':<34}{all_ready_s:>9.2f} s   (target <= 15)")
+    print(f"{'twin CPU, steady state':<34}{twin_pct:>9.2f} %   (target < 5, percent of one core)")
+    if extra:
+        print(f"{'other agents, all together':<34}{extra['agents_total_pct']:>9.1f} %")
+        print(f"{'the two meshctl up processes':<34}{extra['ups_pct']:>9.1f} %")
+    print()
+    if problems:
+        print(f"{len(problems)} problem(s) / log warning(s):")
+        for p in problems[:25]:
+            print("  " + p)
+        if len(problems) > 25:
+            print(f"  ... and {len(problems) - 25} more")
+    else:
+        print("agent logs and meshctl output: no warnings or errors")
+    print(f"RESULT all_ready_s={all_ready_s:.2f} twin_cpu_pct={twin_pct:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
