@@ -266,7 +266,7 @@ class Agent:
                                     instance=self.instance, pid=os.getpid(), state=self.state)
             on_reply, period = self._on_registered, interval
         elif self.state == AgentState.WAITING:
-            msg, on_reply, period = WaitReady(agent=self.name), self._on_ready_status, WAIT_POLL_S
+            msg, on_reply, period = WaitReady(agent=self.name, instance=self.instance), self._on_ready_status, WAIT_POLL_S
         else:
             msg = Heartbeat(agent=self.name, instance=self.instance, state=self.state, detail=self.detail,
                             stats=AgentStats(messages_in=self.metrics.messages_in, messages_out=self.metrics.messages_out,
@@ -300,6 +300,10 @@ class Agent:
         self._twin_next = 0.0
 
     def _on_ready_status(self, reply: ReadyStatus) -> None:
+        if not reply.registered:
+            self._registered = False
+            self._twin_next = 0.0
+            return
         if not reply.ready:
             if reply.waiting_on != self.waiting_on:
                 self.waiting_on = list(reply.waiting_on)

@@ -109,6 +109,8 @@ class DigitalTwin(Agent):
     @handles(WaitReady)
     def wait_ready(self, msg: WaitReady, env: Envelope) -> ReadyStatus:
         rec = self._record(msg.agent)
+        if msg.instance and msg.instance != rec.instance:
+            return ReadyStatus(ready=False, waiting_on=self._waiting_on(rec), registered=False)
         if rec.instance is not None and rec.state not in (AgentState.STOPPED,):
             rec.last_seen = time.monotonic()
         waiting = self._waiting_on(rec)

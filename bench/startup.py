@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=2.0, help="seconds between all-ready and the CPU window")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up waiting for all-ready after this many s")
     ap.add_argument("--quick", action="store_true", help="a 5 s CPU window")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, logs) and print its path")
     args = ap.parse_args()
     window = args.window or (5.0 if args.quick else 10.0)
     install_sigterm_as_interrupt()
@@ -213,6 +214,11 @@ def main() -> int:
                 if any(w in line for w in ("Traceback", "ERROR", "WARNING", "Error")):
                     problems.append(f"{up.output_path.name}: {line.strip()[:240]}")
         problems += scan_logs(tmp / "data" / "logs")
+        if args.keep:
+            kept = Path(tempfile.mkdtemp(prefix="bench-startup-kept-"))
+            import shutil
+            shutil.copytree(tmp, kept, dirs_exist_ok=True)
+            print(f"kept config and logs in {kept}")
         tmp_ctx.cleanup()
 
     print()

@@ -157,12 +157,14 @@ class WaitReady(Message):
 
     type_name: ClassVar[str] = "twin.wait_ready"
     agent: str
+    instance: str = ""
 
 
 class ReadyStatus(Message):
     type_name: ClassVar[str] = "twin.ready_status"
     ready: bool
     waiting_on: list[str] = Field(default_factory=list)
+    registered: bool = True  # false: the twin does not know this instance (it restarted); register again
 
 
 class Deregister(Message):

@@ -153,3 +153,16 @@ def test_health_probe_for_an_agent_that_is_not_running(write_config):
     code, text = probe(str(path), "a", timeout=0.3)
     assert code == 2 and "no answer" in text
     assert probe(str(path), "nobody")[0] == 2
+
+
+def test_waiting_agent_registers_again_with_a_restarted_twin(write_config, run_agents):
+    _, cfg = write_config(mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]},
+                                     "b": {"kind": "echo", "depends_on": ["a"]}}))
+    twin, b = run_agents(cfg, "twin", "b")
+    wait_for(lambda: status_of(cfg, "b").state == "waiting", what="b waiting on a")
+    twin.stop()
+    run_agents(cfg, "twin")
+    wait_for(lambda: status_of(cfg, "b").state == "waiting" and status_of(cfg, "b").waiting_on == ["a"],
+             what="b known as waiting by the new twin")
+    run_agents(cfg, "a")
+    wait_for(lambda: set(states(cfg).values()) == {"ready"}, what="all ready")
