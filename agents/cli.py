@@ -36,7 +36,7 @@ def _load(path: str, host: str | None = None) -> MeshConfig:
     try:
         return load_config(path, host=host)
     except ConfigError as exc:
-        err.print(f"[bold red]config error[/]\n{exc}", markup=True, highlight=False)
+        err.print(f"[bold red]config error[/]\n{escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -50,7 +50,6 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
     from rich.logging import RichHandler
 
     from agents.control import fetch_status
-    from agents.kinds import UnknownKind
     from agents.supervisor import Supervisor
     from network.rpc import MeshError
 
@@ -89,8 +88,8 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
               f"logs in {sup.log_dir}/ (`meshctl logs -f`); Ctrl-C stops")
     try:
         sup.run(on_tick=tick)
-    except UnknownKind as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+    except ConfigError as exc:
+        err.print(f"[bold red]config error[/]\n{escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -100,11 +99,15 @@ def status(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"
     """The twin's table: agent, host, state, heartbeat age, restarts, what each waits on."""
     from agents.control import fetch_status
     from network.rpc import MeshError
+    from network.security import MissingKey
 
     cfg = _load(config)
     while True:
         try:
-            reply = fetch_status(cfg)
+            reply = fetch_status(cfg, timeout=cfg.mesh.request_timeout_s)
+        except MissingKey as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
         except MeshError as exc:
             err.print(f"[bold red]the twin does not answer[/] at {cfg.endpoint(cfg.twin)}: {exc.message}\n"
                       f"  is the mesh running? start it with `meshctl up --config {config}`")
@@ -149,12 +152,19 @@ def plan(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
 @app.command()
 def check(config: str = ConfigOpt) -> None:
     """Validate a config file and say what is wrong with it."""
+    from agents.kinds import check_kinds
+
     cfg = _load(config)
+    try:
+        check_kinds(cfg)
+    except ConfigError as exc:
+        err.print(f"[bold red]config error[/]\n{escape(str(exc))}")
+        raise typer.Exit(2) from None
     console.print(f"{config}: ok ({len(cfg.hosts)} host(s), {len(cfg.groups)} group(s), {len(cfg.agents)} agent(s))")
 
 
 @app.command()
-def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show (default: all of this host)."),
+def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show (default: every agent in the config)."),
          config: str = ConfigOpt, follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
          level: str = typer.Option("DEBUG", "--level", "-l", help="Lowest level shown."),
          lines: int = typer.Option(20, "--lines", "-n", help="Lines of history per agent.")) -> None:
@@ -178,13 +188,28 @@ def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show
     follow(files, follow=follow_, level=level, lines=lines)
 
 
+KeysDirOpt = typer.Option(None, "--keys-dir", help="Default: security.keys_dir of the config (MESH_CONFIG), else keys/.")
+
+
+def _keys_dir(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    if Path(DEFAULT_CONFIG).exists():
+        try:
+            return load_config(DEFAULT_CONFIG).security.keys_dir
+        except ConfigError:
+            pass
+    return Path("keys")
+
+
 @keys_app.command("generate")
 def keys_generate(hosts: list[str] = typer.Argument(..., help="Host names, as in the config's hosts:."),
-                  keys_dir: Path = typer.Option(Path("keys"), "--keys-dir"),
+                  keys_dir: Optional[Path] = KeysDirOpt,
                   force: bool = typer.Option(False, "--force", help="Replace existing key pairs.")) -> None:
     """Make a CURVE key pair per host (public in keys/public, secret in keys/private)."""
     from network.security import generate
 
+    keys_dir = _keys_dir(keys_dir)
     for host in hosts:
         try:
             pub, sec = generate(keys_dir, host, force=force)
@@ -196,11 +221,12 @@ def keys_generate(hosts: list[str] = typer.Argument(..., help="Host names, as in
 
 
 @keys_app.command("list")
-def keys_list(keys_dir: Path = typer.Option(Path("keys"), "--keys-dir"),
+def keys_list(keys_dir: Optional[Path] = KeysDirOpt,
               as_json: bool = typer.Option(False, "--json")) -> None:
     """List the known hosts' public keys and which secret keys are present here."""
     from network.security import list_keys
 
+    keys_dir = _keys_dir(keys_dir)
     rows = list_keys(keys_dir)
     if as_json:
         print(json.dumps([{"host": h, "public": k, "secret_here": s} for h, k, s in rows], indent=2))

@@ -41,7 +41,7 @@ class _Model(BaseModel):
 
 
 class MeshSettings(_Model):
-    name: str = Field("mesh", description="Name shown in status and metrics")
+    name: str = Field("mesh", description="Name shown by meshctl status and in start-up lines")
     port_offset: int = Field(0, ge=0, le=50000, description="Added to every port, so two meshes can share a host")
     base_port: int = Field(7100, ge=1024, le=65000, description="First port handed out to agents without explicit endpoints")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
@@ -85,6 +85,12 @@ class AgentSpec(_Model):
 class Security(_Model):
     curve: Literal["auto", "on", "off"] = Field("auto", description="auto: CURVE on TCP when keys_dir holds this host's secret key")
     keys_dir: Path = Path("keys")
+
+    @field_validator("curve", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off`/`on` as a boolean
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
 
 class Stores(_Model):
@@ -319,7 +325,7 @@ def _interpolate(value: Any, file: str, path: str, problems: list) -> Any:
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
             var, default = m.group(1), m.group(2)
-            if var in os.environ:
+            if os.environ.get(var) or (var in os.environ and default is None):
                 return os.environ[var]
             if default is not None:
                 return default

@@ -14,6 +14,7 @@ from agents.config import ConfigError, load_config
 from agents.control import client
 from network.messages import AgentState, Ping
 from network.rpc import MeshError
+from network.security import MissingKey
 
 
 def probe(config_path: str, agent: str, *, timeout: float = 2.0, allow_degraded: bool = False) -> tuple[int, str]:
@@ -26,6 +27,8 @@ def probe(config_path: str, agent: str, *, timeout: float = 2.0, allow_degraded:
     try:
         with client(config, agent, timeout=timeout, sender="health") as c:
             pong = c.request(Ping())
+    except MissingKey as exc:
+        return 2, f"{agent}: {exc}"
     except MeshError as exc:
         return 2, f"{agent}: no answer from {config.endpoint(agent)}: {exc.message}"
     ok = {AgentState.READY} | ({AgentState.DEGRADED} if allow_degraded else set())

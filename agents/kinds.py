@@ -52,5 +52,28 @@ def resolve(kind: str) -> type:
     return cls
 
 
+def check_kinds(config, agents: list[str] | None = None) -> None:
+    """Resolves every agent's kind and validates its settings, so that a typo is reported by
+    `meshctl check` and before `meshctl up` starts anything, not by a restart loop."""
+    from pydantic import ValidationError
+
+    from agents.config import ConfigError, _pydantic_problems
+
+    problems = []
+    for name in agents or list(config.agents):
+        spec = config.agents[name]
+        try:
+            cls = resolve(spec.kind)
+        except UnknownKind as exc:
+            problems.append((f"agents.{name}.kind", str(exc), "fix the kind, or install the package that provides it"))
+            continue
+        try:
+            cls.Settings.model_validate(spec.settings)
+        except ValidationError as exc:
+            problems += [(f"agents.{name}.settings.{path}", msg, fix) for path, msg, fix in _pydantic_problems(exc)]
+    if problems:
+        raise ConfigError(config.source, problems)
+
+
 def module_of(kind: str) -> str:
     return target_of(kind).partition(":")[0]

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.config import MeshConfig
-from agents.kinds import module_of, resolve
+from agents.kinds import check_kinds, module_of
 
 log = logging.getLogger("meshctl.up")
 
 
 def _agent_main(config: MeshConfig, name: str, log_dir: str, level: str) -> None:
+    from agents.config import ConfigError
     from agents.logs import setup_agent_logging
     from agents.runtime import StartupError, run_agent
 
@@ -33,7 +34,7 @@ def _agent_main(config: MeshConfig, name: str, log_dir: str, level: str) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us in order
     try:
         run_agent(config, name)
-    except StartupError as exc:
+    except (StartupError, ConfigError) as exc:
         logging.getLogger(f"agent.{name}").error("cannot start: %s", exc)
         raise SystemExit(2) from None
     except Exception:
@@ -74,8 +75,7 @@ class Supervisor:
         self._stopping = False
 
     def start(self) -> None:
-        for child in self.children.values():
-            resolve(self.config.agents[child.name].kind)  # fail before starting anything
+        check_kinds(self.config, list(self.children))  # fail before starting anything
         modules = sorted({"agents.runtime", "network.rpc"} | {module_of(self.config.agents[n].kind) for n in self.children})
         self._ctx.set_forkserver_preload(modules)
         for child in self.children.values():
@@ -135,20 +135,25 @@ class Supervisor:
             signal.signal(signal.SIGTERM, old_term)
 
     def stop(self) -> None:
+        """Drains agents level by level, dependents first and the twin last, so each one can
+        still hand back work and deregister while what it depends on is up."""
         self._stopping = True
-        running = [c for c in reversed(list(self.children.values())) if c.process is not None and c.process.is_alive()]
+        running = {n for n, c in self.children.items() if c.process is not None and c.process.is_alive()}
         if running:
             log.info("stopping %d agent(s)", len(running))
-        for child in running:
-            try:
-                os.kill(child.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + self.config.mesh.drain_timeout_s
-        for child in running:
-            child.process.join(max(0.0, deadline - time.monotonic()))
-            if child.process.is_alive():
-                log.warning("%s did not drain within %.0fs; killing it", child.name, self.config.mesh.drain_timeout_s)
-                child.process.kill()
-                child.process.join(2)
+        timeout = self.config.mesh.drain_timeout_s
+        for level in reversed(self.config.start_order()):
+            batch = [self.children[n] for n in level if n in running]
+            for child in batch:
+                try:
+                    os.kill(child.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + timeout
+            for child in batch:
+                child.process.join(max(0.0, deadline - time.monotonic()))
+                if child.process.is_alive():
+                    log.warning("%s did not drain within %.0fs; killing it", child.name, timeout)
+                    child.process.kill()
+                    child.process.join(2)
         self.poll()

@@ -116,7 +116,7 @@ class DigitalTwin(Agent):
         waiting = self._waiting_on(rec)
         changed = waiting != rec.waiting_on
         rec.waiting_on = waiting
-        if rec.reported in (AgentState.STARTING, AgentState.WAITING) and rec.instance is not None:
+        if rec.reported in (AgentState.STARTING, AgentState.WAITING, AgentState.DEAD) and rec.instance is not None:
             rec.reported = AgentState.WAITING
             if rec.state != AgentState.WAITING:
                 self._refresh(rec, "waiting on " + ", ".join(waiting) if waiting else "dependencies ready")

@@ -256,31 +256,32 @@ class Worker:
 # --- measurements ----------------------------------------------------------------------------------------
 
 
-def rpc_raw(sock: zmq.Socket, payload: bytes, n: int) -> list[float]:
-    packb, perf, send, recv = _packer(), time.perf_counter, sock.send, sock.recv
-    times = []
+def rpc_raw(sock: zmq.Socket, payload: bytes, n: int, times: list[float]) -> float:
+    """n sequential round trips; appends each to `times`, returns the total seconds."""
+    packb, perf, send, recv, append = _packer(), time.perf_counter, sock.send, sock.recv, times.append
+    started = perf()
     for i in range(n):
         t = perf()
         send(packb({"payload": payload, "seq": i}))
         reply = _unpack(recv())
-        times.append(perf() - t)
+        append(perf() - t)
         if reply["seq"] != i:
             raise RuntimeError(f"raw reply seq {reply['seq']} != {i}")
-    return times
+    return perf() - started
 
 
-def rpc_mesh(client, payload: bytes, n: int) -> list[float]:
+def rpc_mesh(client, payload: bytes, n: int, times: list[float]) -> float:
     from network.messages import Echo
 
-    perf, request = time.perf_counter, client.request
-    times = []
+    perf, request, append = time.perf_counter, client.request, times.append
+    started = perf()
     for i in range(n):
         t = perf()
         reply = request(Echo(payload=payload, seq=i))
-        times.append(perf() - t)
+        append(perf() - t)
         if reply.seq != i:
             raise RuntimeError(f"mesh reply seq {reply.seq} != {i}")
-    return times
+    return perf() - started
 
 
 def pubsub(pub: Worker, sub: Worker, mode: str, size: int, warmup_s: float, window_s: float) -> dict:
@@ -290,17 +291,17 @@ def pubsub(pub: Worker, sub: Worker, mode: str, size: int, warmup_s: float, wind
     pub.conn.send("go")
     result = sub.recv(timeout=warmup_s + window_s + 30)
     pub.conn.send("stop")
-    sent, pub_s = pub.recv()
+    pub.recv()
     if isinstance(result, str):
         raise RuntimeError(f"pub/sub {mode}: {result}")
     received, seconds, seq0, seq1 = result
-    published = max(seq1 - seq0, received)
-    return {"per_s": received / seconds, "sent_per_s": sent / pub_s, "drop_pct": 100.0 * (1 - received / published)}
+    published = max(seq1 - seq0, received)  # sequence numbers the publisher used during the window
+    return {"per_s": received / seconds, "published_per_s": published / seconds,
+            "drop_pct": 100.0 * (1 - received / published)}
 
 
-def summary(times: list[float]) -> dict:
-    s = sorted(times)
-    return {"mean": statistics.fmean(s), "p50": s[len(s) // 2], "p99": s[min(len(s) - 1, int(len(s) * 0.99))]}
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -345,14 +346,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter windows (~15 s)")
     ap.add_argument("--payload", type=int, default=100, help="payload bytes (default 100)")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions of each measurement (default 5, quick 3)")
-    ap.add_argument("--calls", type=int, default=None, help="round trips per rpc measurement (default 4000, quick 1500)")
-    ap.add_argument("--window", type=float, default=None, help="pub/sub counting window in s (default 1.5, quick 0.6)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions of each measurement (default 7, quick 3)")
+    ap.add_argument("--calls", type=int, default=None, help="round trips per rpc measurement and rep (default 4000, quick 1500)")
+    ap.add_argument("--window", type=float, default=None, help="pub/sub counting window in s (default 1.2, quick 0.6)")
     args = ap.parse_args()
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (3 if args.quick else 7)
     calls = args.calls or (1500 if args.quick else 4000)
-    window = args.window or (0.6 if args.quick else 1.5)
-    warmup = 0.2 if args.quick else 0.4
+    window = args.window or (0.6 if args.quick else 1.2)
+    warmup = 0.2 if args.quick else 0.3
+    block = min(250, calls)
     payload = os.urandom(args.payload)
     install_sigterm_as_interrupt()
 
@@ -383,22 +385,32 @@ def main() -> int:
         client = RpcClient(config.endpoint("echo", "rpc"), sender="bench", timeout=5.0, retries=0)
 
         # Warm-up: connections, caches, allocator, both servers' first requests.
-        rpc_raw(raw_sock, payload, 500)
-        rpc_mesh(client, payload, 500)
+        rpc_raw(raw_sock, payload, 500, [])
+        rpc_mesh(client, payload, 500, [])
         pubsub(pub, sub, "raw", args.payload, 0.1, 0.1)
         pubsub(pub, sub, "mesh", args.payload, 0.1, 0.1)
 
-        rpc = {"raw": [], "mesh": []}
-        ps = {"raw": [], "mesh": []}
+        # Request/reply: each rep runs blocks of `block` calls, raw and mesh alternating block by block,
+        # so both see the same scheduler placement (on a small VM, client and server sharing a core or
+        # not changes the raw round trip by ~2x) and the same background activity.
+        rpc_means: dict[str, list[float]] = {"raw": [], "mesh": []}
+        rpc_times: dict[str, list[float]] = {"raw": [], "mesh": []}
+        ps: dict[str, list[dict]] = {"raw": [], "mesh": []}
         for rep in range(reps):
             order = ("raw", "mesh") if rep % 2 == 0 else ("mesh", "raw")
+            total = {"raw": 0.0, "mesh": 0.0}
+            for b in range(max(1, calls // block)):
+                for mode in (order if b % 2 == 0 else order[::-1]):
+                    if mode == "raw":
+                        total[mode] += rpc_raw(raw_sock, payload, block, rpc_times[mode])
+                    else:
+                        total[mode] += rpc_mesh(client, payload, block, rpc_times[mode])
             for mode in order:
-                times = rpc_raw(raw_sock, payload, calls) if mode == "raw" else rpc_mesh(client, payload, calls)
-                rpc[mode].append(summary(times))
+                rpc_means[mode].append(total[mode] / (max(1, calls // block) * block))
             for mode in order:
                 ps[mode].append(pubsub(pub, sub, mode, args.payload, warmup, window))
-            print(f"  rep {rep + 1}/{reps}: rpc raw {rpc['raw'][-1]['mean'] * 1e6:.1f} us, "
-                  f"mesh {rpc['mesh'][-1]['mean'] * 1e6:.1f} us; pubsub raw {ps['raw'][-1]['per_s']:,.0f}/s, "
+            print(f"  rep {rep + 1}/{reps}: rpc raw {rpc_means['raw'][-1] * 1e6:.1f} us, "
+                  f"mesh {rpc_means['mesh'][-1] * 1e6:.1f} us; pubsub raw {ps['raw'][-1]['per_s']:,.0f}/s, "
                   f"mesh {ps['mesh'][-1]['per_s']:,.0f}/s", flush=True)
     finally:
         if client is not None:
@@ -424,25 +436,33 @@ def main() -> int:
                     problems.append(f"meshctl-up: {line.strip()[:300]}")
         tmp_ctx.cleanup()
 
-    def med(rows: list[dict], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
-
-    rpc_raw_us, rpc_mesh_us = med(rpc["raw"], "mean") * 1e6, med(rpc["mesh"], "mean") * 1e6
-    ps_raw, ps_mesh = med(ps["raw"], "per_s"), med(ps["mesh"], "per_s")
+    rpc_raw_us = statistics.median(rpc_means["raw"]) * 1e6
+    rpc_mesh_us = statistics.median(rpc_means["mesh"]) * 1e6
+    ps_raw = statistics.median(r["per_s"] for r in ps["raw"])
+    ps_mesh = statistics.median(r["per_s"] for r in ps["mesh"])
     rpc_ratio, ps_ratio = rpc_mesh_us / rpc_raw_us, ps_mesh / ps_raw
 
     print()
-    print(f"{'request/reply (medians of ' + str(reps) + ')':<34}{'mean us':>10}{'p50 us':>10}{'p99 us':>10}")
+    print(f"request/reply, {args.payload} B payload: mean per rep (median of {reps} reps, range), "
+          f"percentiles over all {len(rpc_times['raw'])} calls")
+    print(f"  {'':<8}{'mean us':>10}{'range us':>16}{'p50 us':>10}{'p99 us':>10}")
     for mode in ("raw", "mesh"):
-        print(f"  {mode:<32}{med(rpc[mode], 'mean') * 1e6:>10.1f}{med(rpc[mode], 'p50') * 1e6:>10.1f}"
-              f"{med(rpc[mode], 'p99') * 1e6:>10.1f}")
-    print(f"  {'mesh / raw':<32}{rpc_ratio:>10.2f}   (target <= 1.5)")
+        t = sorted(rpc_times[mode])
+        lo, hi = min(rpc_means[mode]) * 1e6, max(rpc_means[mode]) * 1e6
+        print(f"  {mode:<8}{statistics.median(rpc_means[mode]) * 1e6:>10.1f}{f'{lo:.0f}-{hi:.0f}':>16}"
+              f"{percentile(t, 0.5) * 1e6:>10.1f}{percentile(t, 0.99) * 1e6:>10.1f}")
+    print(f"  mesh / raw round trip: {rpc_ratio:.2f}   (target <= 1.5)")
     print()
-    print(f"{'pub/sub (medians of ' + str(reps) + ')':<34}{'recv/s':>12}{'sent/s':>12}{'dropped':>9}")
+    print(f"pub/sub, {args.payload} B payload: received and decoded per second in {window:g} s windows "
+          f"(median of {reps}, range); published/s and drops over the same windows")
+    print(f"  {'':<8}{'recv/s':>10}{'range':>20}{'published/s':>13}{'dropped':>9}")
     for mode in ("raw", "mesh"):
-        print(f"  {mode:<32}{med(ps[mode], 'per_s'):>12,.0f}{med(ps[mode], 'sent_per_s'):>12,.0f}"
-              f"{med(ps[mode], 'drop_pct'):>8.1f}%")
-    print(f"  {'mesh / raw':<32}{ps_ratio:>12.2f}   (target >= 0.5)")
+        rows = ps[mode]
+        lo, hi = min(r["per_s"] for r in rows), max(r["per_s"] for r in rows)
+        print(f"  {mode:<8}{statistics.median(r['per_s'] for r in rows):>10,.0f}{f'{lo:,.0f}-{hi:,.0f}':>20}"
+              f"{statistics.median(r['published_per_s'] for r in rows):>13,.0f}"
+              f"{statistics.median(r['drop_pct'] for r in rows):>8.1f}%")
+    print(f"  mesh / raw throughput: {ps_ratio:.2f}   (target >= 0.5)")
     print()
     if problems:
         print(f"{len(problems)} warning(s)/error(s) in agent logs or meshctl output:")

@@ -109,13 +109,15 @@ def decode(frame: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
     try:
         raw = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise Undecodable(f"frame is not valid msgpack: {exc}") from None
+        raise Undecodable(f"frame is not valid msgpack: {exc or type(exc).__name__}") from None
     if not isinstance(raw, list) or len(raw) != 8 or raw[0] != FRAME_FORMAT:
         raise Undecodable("frame is not a mesh envelope: expected an array of 8 starting with 1")
     _, type_name, version, mid, cid, sender, ts, body = raw
     if not isinstance(mid, bytes) or not isinstance(cid, bytes) or not isinstance(sender, str):
         raise Undecodable("envelope header has wrong field types (id and cid must be bin, sender str)")
-    if not isinstance(type_name, str) or not isinstance(version, int) or not isinstance(ts, (int, float)):
+    if len(mid) != 16 or len(cid) not in (0, 16):
+        raise Undecodable("id must be 16 bytes, and cid 16 bytes or empty", sender=sender)
+    if not isinstance(type_name, str) or type(version) is not int or not isinstance(ts, (int, float)):
         raise Undecodable("envelope header has wrong field types (type str, version int, ts float)", msg_id=mid, sender=sender)
     cls = lookup(type_name)
     if cls is None:

@@ -107,6 +107,7 @@ class RpcServer:
         cached = self._replies.get(env.id)
         if cached is not None:
             self.metrics.duplicates.inc()
+            self.metrics.message("cached_reply", "out")
             self.socket.send_multipart(head + [cached])
             return
         handler = self.handlers.get(type_name)
@@ -137,6 +138,7 @@ class RpcServer:
 
     def _fail(self, head: list[bytes], code: str, message: str, *, cid: bytes = b"", detail: dict | None = None) -> None:
         self.metrics.error(str(code))
+        self.metrics.message(Error.type_name, "out")
         log.info("rejected request: %s: %s", code, message[:300])
         _, frame = encode(Error(code=str(code), message=message, detail=detail or {}), sender=self.sender, cid=cid)
         if cid:

@@ -45,6 +45,9 @@ def _frame(*fields):
     (_frame(2, "mesh.ping", 1, b"i" * 16, b"", "x", 1.0, {}), Undecodable),   # unknown frame format
     (_frame(1, "mesh.ping", 1, "not-bin", b"", "x", 1.0, {}), Undecodable),  # id of the wrong type
     (_frame(1, 5, 1, b"i" * 16, b"", "x", 1.0, {}), Undecodable),            # type name not a string
+    (_frame(1, "mesh.ping", 1, b"", b"", "x", 1.0, {}), Undecodable),        # id must be 16 bytes
+    (_frame(1, "mesh.ping", 1, b"i" * 16, b"c" * 3, "x", 1.0, {}), Undecodable),  # cid 16 bytes or empty
+    (_frame(1, "mesh.ping", True, b"i" * 16, b"", "x", 1.0, {}), Undecodable),  # version must be an int
     (_frame(1, "no.such", 1, b"i" * 16, b"", "x", 1.0, {}), UnknownType),
     (_frame(1, "mesh.ping", 9, b"i" * 16, b"", "x", 1.0, {}), VersionMismatch),
     (_frame(1, "mesh.echo", 1, b"i" * 16, b"", "x", 1.0, []), InvalidBody),

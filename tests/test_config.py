@@ -156,3 +156,24 @@ def test_optional_dependencies_do_not_change_the_order():
     c = parse_config(cfg(agents__x__required=False))
     assert c.start_order() == [["twin"], ["x"], ["y"]]
     assert c.agents["x"].required is False
+
+
+def test_yaml_booleans_for_curve_and_empty_variables_take_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMPTY_ADDR", "")
+    data = cfg(hosts={"a": {"address": "${EMPTY_ADDR:-10.0.0.1}"}, "b": {"address": "x"}})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data) + "security:\n  curve: off\n")
+    c = load_config(p)
+    assert c.security.curve == "off" and c.hosts["a"].address == "10.0.0.1"
+
+
+def test_kinds_and_settings_are_checked_before_anything_runs():
+    from agents.kinds import check_kinds
+
+    c = parse_config(cfg(agents__x__settings={"publish": "maybe", "colour": 1}, agents__y__kind="nope"), "f.yaml")
+    with pytest.raises(ConfigError) as info:
+        check_kinds(c)
+    text = str(info.value)
+    assert "f.yaml: agents.x.settings.publish" in text and "f.yaml: agents.x.settings.colour" in text
+    assert "f.yaml: agents.y.kind: unknown agent kind 'nope'" in text
+    check_kinds(parse_config(cfg(agents__x__settings={"publish": True})))

@@ -137,3 +137,22 @@ def test_status_without_a_running_mesh_says_what_to_do(write_config):
     r = meshctl("status", "--config", str(path))
     assert r.returncode == 1
     assert "the twin does not answer" in r.stderr and "meshctl up" in r.stderr
+
+
+def test_check_and_up_reject_bad_settings_without_a_restart_loop(write_config):
+    path, _ = write_config(mesh_dict({"x": {"kind": "echo", "settings": {"publsh": True}}}))
+    for cmd in ("check", "up"):
+        r = meshctl(cmd, "--config", str(path))
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert "agents.x.settings.publsh" in r.stderr and "Extra inputs are not permitted" in r.stderr
+
+
+def test_stop_drains_dependents_before_the_twin(write_config, mesh_up):
+    path, cfg = write_config(chain_config())
+    up = mesh_up(path)
+    wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=20, what="mesh ready")
+    assert up.stop() == 0
+    twin_log = (cfg.mesh.data_dir / "logs" / "twin.log").read_text()
+    # every agent deregistered while the twin was still up to hear it
+    assert "b: ready -> stopped (stopped)" in twin_log
+    assert "a: degraded -> stopped (stopped)" in twin_log or "a: ready -> stopped (stopped)" in twin_log
