@@ -15,18 +15,21 @@ What is measured (every side in a process of its own, loopback TCP, a 100-byte p
                  network.pubsub.Subscriber (on a Reactor, `on_readable`) decoding and validating
                  them in another.
 
-Round trip: mean over N sequential requests (p50/p99 shown too). Throughput: the publisher
-publishes without pacing (PUB drops at its high-water mark, 100k on both sides, as in the mesh);
-the subscriber skips a warm-up period after its first message, then counts what it actually
-received and decoded in a fixed window: received/s. The sequence numbers it saw give the number
-published over that window, so drops are reported too.
+Round trip: mean of sequential requests. Each rep runs blocks of 250 calls with raw and mesh
+alternating block by block, so both see the same conditions: on a small VM the raw round trip
+alone moves between ~40 us (client and server sharing a core) and ~75 us (on different cores).
+Throughput: the publisher publishes without pacing (PUB drops at its high-water mark, 100k on both
+sides, as in the mesh); the subscriber skips a warm-up period after its first message, then counts
+what it actually received and decoded in a fixed window: received/s. The sequence numbers it saw
+give the number published over that window, so drops are reported too (published/s equal to
+received/s with no drops means the publisher, not the subscriber, set the pace).
 
-Each measurement is repeated (raw and mesh interleaved, order alternating) and the median taken.
-The last line is machine-readable:
+Everything is warmed up first, repeated (raw and mesh interleaved, order alternating) and the
+median taken. Agent logs (temp data_dir) are scanned for warnings and errors. The last line is:
 
     RESULT rpc_ratio=<mesh/raw round trip> pubsub_ratio=<mesh/raw throughput> rpc_raw_us=.. ...
 
-Usage: .venv/bin/python bench/mesh.py [--quick] [--payload 100] [--reps 5]
+Usage: .venv/bin/python bench/mesh.py [--quick] [--payload 100] [--reps 7]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -47,7 +51,9 @@ if str(ROOT) not in sys.path:
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
-from bench._util import MeshUp, free_port_block, install_sigterm_as_interrupt, scan_logs, write_config  # noqa: E402
+from bench._util import (  # noqa: E402
+    MeshUp, free_port_block, install_sigterm_as_interrupt, scan_logs, summarize_logs, write_config,
+)
 
 TOPIC = "mesh.echo"
 HWM = 100_000  # the mesh's Publisher and Subscriber defaults; the raw sockets use the same
@@ -66,8 +72,14 @@ def _unpack(frame: bytes):
 # Each worker serves commands from the bench process over a Pipe; EOF (the bench process died) ends it.
 
 
+def _worker_signals() -> None:
+    # Ctrl-C reaches the whole foreground process group; the bench process stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def raw_rep_worker(conn) -> None:
     """REP server: unpack the request, pack it back. An empty frame stops it."""
+    _worker_signals()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REP)
     sock.linger = 0
@@ -89,6 +101,7 @@ def raw_rep_worker(conn) -> None:
 def pub_worker(conn) -> None:
     """Per command ("raw"|"mesh", payload_size): bind, report the endpoint, wait for "go", publish
     until told to stop, report (sent, seconds)."""
+    _worker_signals()
     from network.messages import Echo
     from network.metrics import MeshMetrics
     from network.pubsub import Publisher
@@ -144,6 +157,7 @@ def sub_worker(conn) -> None:
     """Per command ("raw"|"mesh", endpoint, warmup_s, window_s): connect, subscribe, report "ready";
     after the first message skip warmup_s, then count received messages for window_s; report
     (received, seconds, first seq, last seq) or an error string."""
+    _worker_signals()
     from network.messages import Echo
     from network.metrics import MeshMetrics
     from network.pubsub import Subscriber
@@ -344,10 +358,11 @@ def wait_ready(up: MeshUp, config, agent: str, timeout: float = 30.0) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter windows (~15 s)")
+    ap.add_argument("--quick", action="store_true", help="3 reps, shorter windows (~10 s)")
     ap.add_argument("--payload", type=int, default=100, help="payload bytes (default 100)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of each measurement (default 7, quick 3)")
-    ap.add_argument("--calls", type=int, default=None, help="round trips per rpc measurement and rep (default 4000, quick 1500)")
+    ap.add_argument("--calls", type=int, default=None,
+                    help="round trips per rpc measurement and rep (default 4000, quick 1500)")
     ap.add_argument("--window", type=float, default=None, help="pub/sub counting window in s (default 1.2, quick 0.6)")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 7)
@@ -426,10 +441,12 @@ def main() -> int:
         for w in workers:
             w.stop()
         if up is not None:
+            stop_t = time.time()
             leftovers = up.stop()
             if leftovers:
                 problems.append(f"killed processes left after meshctl up stopped: {leftovers}")
-            problems += scan_logs(tmp / "data" / "logs")
+            problems += summarize_logs(scan_logs(tmp / "data" / "logs"),
+                                       phases=[("running", 0.0), ("stopping", stop_t)])
             out = up.output()
             for line in out.splitlines():
                 if any(w in line for w in ("Traceback", "ERROR", "WARNING", "Error")):
@@ -465,7 +482,7 @@ def main() -> int:
     print(f"  mesh / raw throughput: {ps_ratio:.2f}   (target >= 0.5)")
     print()
     if problems:
-        print(f"{len(problems)} warning(s)/error(s) in agent logs or meshctl output:")
+        print("warnings/errors in agent logs or meshctl output:")
         for p in problems[:20]:
             print("  " + p)
     else:
@@ -477,4 +494,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process the benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)

@@ -43,7 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._util import (  # noqa: E402
-    MeshUp, alive, can_bind, cpu_seconds, free_port_block, install_sigterm_as_interrupt, scan_logs, write_config,
+    MeshUp, alive, can_bind, cpu_seconds, free_port_block, install_sigterm_as_interrupt, scan_logs, summarize_logs,
+    write_config,
 )
 
 H1, H2 = "127.0.0.1", "127.0.0.2"
@@ -125,6 +126,8 @@ def main() -> int:
     twin_pct = float("nan")
     extra: dict[str, float] = {}
     timeline: list[tuple[float, int]] = []
+    all_pids: list[int] = []
+    phases = [("starting", time.time())]
     try:
         launched = time.monotonic()
         for host in ("h1", "h2"):
@@ -147,6 +150,7 @@ def main() -> int:
                 last_ready = ready
             if ready == n:
                 all_ready_s = time.monotonic() - launched
+                phases.append(("steady", time.time()))
                 break
             time.sleep(0.1)
         if all_ready_s == float("inf"):
@@ -162,20 +166,31 @@ def main() -> int:
             time.sleep(args.settle)
             status = fetch_status(config, timeout=2.0)
             pids = {a.agent: a.pid for a in status.agents}
+            all_pids = [p for p in pids.values() if p]
             twin_pid = pids[config.twin]
+            if not twin_pid:
+                raise RuntimeError("the twin's status reply carries no pid for the twin")
             others = [p for a, p in pids.items() if a != config.twin and p]
-            up_pids = [u.pid for u in ups]
+            watched = [twin_pid, *others, *(u.pid for u in ups)]
             t0 = time.monotonic()
-            c_twin = cpu_seconds(twin_pid)
-            c_others = {p: cpu_seconds(p) for p in others}
-            c_ups = {p: cpu_seconds(p) for p in up_pids}
+            before = {p: cpu_seconds(p) for p in watched}
             time.sleep(window)
+            after = {p: cpu_seconds(p) for p in watched}
             wall = time.monotonic() - t0
-            twin_pct = 100.0 * (cpu_seconds(twin_pid) - c_twin) / wall
-            per_agent = [100.0 * (cpu_seconds(p) - c) / wall for p, c in c_others.items() if cpu_seconds(p) is not None]
+
+            def pct(pid: int) -> float | None:
+                if before[pid] is None or after[pid] is None:
+                    problems.append(f"pid {pid} exited during the CPU window")
+                    return None
+                return 100.0 * (after[pid] - before[pid]) / wall
+
+            twin_pct = pct(twin_pid)
+            if twin_pct is None:
+                twin_pct = float("nan")
+            per_agent = [v for v in map(pct, others) if v is not None]
             extra["agents_total_pct"] = sum(per_agent)
             extra["agent_median_pct"] = statistics.median(per_agent) if per_agent else float("nan")
-            extra["ups_pct"] = sum(100.0 * (cpu_seconds(p) - c) / wall for p, c in c_ups.items())
+            extra["ups_pct"] = sum(v for v in (pct(u.pid) for u in ups) if v is not None)
             status = fetch_status(config, timeout=2.0)
             not_ready = [a.agent for a in status.agents if a.state != "ready"]
             if not_ready:
@@ -189,8 +204,8 @@ def main() -> int:
                   f"together {extra['agents_total_pct']:.1f}% (median {extra['agent_median_pct']:.2f}% each); "
                   f"the two `up` processes {extra['ups_pct']:.1f}%; oldest heartbeat {extra['max_hb_age_s']:.2f}s",
                   flush=True)
-            all_pids = list(pids.values())
     finally:
+        phases.append(("stopping", time.time()))
         stop_started = time.monotonic()
         for up in ups:
             up.interrupt()
@@ -202,10 +217,9 @@ def main() -> int:
             print(f"stopped both `up` processes in {stop_s:.1f}s (SIGINT)")
         if leftovers:
             problems.append(f"processes still alive 30 s after SIGINT, killed: {leftovers}")
-        if "all_pids" in locals():
-            still = [p for p in all_pids if p and alive(p)]
-            if still:
-                problems.append(f"agent pids still alive after stop: {still}")
+        still = [p for p in all_pids if alive(p)]
+        if still:
+            problems.append(f"agent pids still alive after stop: {still}")
         for up in ups:
             rc = up.proc.returncode
             if rc not in (0, None):
@@ -213,7 +227,7 @@ def main() -> int:
             for line in up.output().splitlines():
                 if any(w in line for w in ("Traceback", "ERROR", "WARNING", "Error")):
                     problems.append(f"{up.output_path.name}: {line.strip()[:240]}")
-        problems += scan_logs(tmp / "data" / "logs")
+        problems += summarize_logs(scan_logs(tmp / "data" / "logs"), phases=phases)
         if args.keep:
             kept = Path(tempfile.mkdtemp(prefix="bench-startup-kept-"))
             import shutil
@@ -229,7 +243,7 @@ def main() -> int:
         print(f"{'the two meshctl up processes':<34}{extra['ups_pct']:>9.1f} %")
     print()
     if problems:
-        print(f"{len(problems)} problem(s) / log warning(s):")
+        print("problems, and warnings/errors in agent logs by phase (same message from many agents counted once):")
         for p in problems[:25]:
             print("  " + p)
         if len(problems) > 25:
@@ -241,4 +255,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process the benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)
