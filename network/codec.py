@@ -72,14 +72,25 @@ class Envelope:
         return self.message.type_name
 
 
+_ids: list[bytes] = []  # random ids drawn 256 at a time: one getrandom() call per 256 messages
+os.register_at_fork(after_in_child=_ids.clear)  # a forked child must not reuse its parent's ids
+
+
 def new_id() -> bytes:
-    return os.urandom(16)
+    while True:
+        try:
+            return _ids.pop()
+        except IndexError:
+            block = os.urandom(16 * 256)
+            _ids.extend([block[i:i + 16] for i in range(0, len(block), 16)])
 
 
 def encode(message: Message, *, sender: str, cid: bytes = b"", msg_id: bytes | None = None) -> tuple[bytes, bytes]:
     """Returns (message id, frame)."""
-    mid = msg_id or os.urandom(16)
-    frame = _packb([FRAME_FORMAT, message.type_name, message.version, mid, cid, sender, time.time(), message.model_dump()])
+    mid = msg_id or new_id()
+    # what message.model_dump() does, without its keyword-argument plumbing (~0.3 us)
+    body = message.__pydantic_serializer__.to_python(message)
+    frame = _packb([FRAME_FORMAT, message.type_name, message.version, mid, cid, sender, time.time(), body])
     return mid, frame
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import time
 from typing import Callable
 
@@ -76,7 +77,7 @@ class Reactor:
         if self._timers:
             wait = max(0.0, min(wait, self._timers[0][0] - time.monotonic()))
         try:
-            events = self.poller.poll(wait * 1000)
+            events = self.poller.poll(math.ceil(wait * 1000))  # int() would round down and spin
         except zmq.ZMQError as exc:
             if exc.errno == zmq.ETERM:
                 self._stopping = True

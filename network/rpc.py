@@ -28,6 +28,19 @@ from network.security import CurveIdentity, Guard, RefusalMonitor
 
 log = logging.getLogger(__name__)
 
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
+
+def _send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
+    """send_multipart without its per-call type checks and enum flag arithmetic (~1 us a message)."""
+    more = _SNDMORE | flags
+    for f in frames[:-1]:
+        sock.send(f, more)
+    sock.send(frames[-1], flags)
+
 Handler = Callable[[Message, Envelope], Message]
 
 
@@ -83,9 +96,13 @@ class RpcServer:
             reactor.add_socket(self.monitor.socket, self.monitor.on_readable)
 
     def on_readable(self) -> None:
-        for _ in range(256):  # bounded, so timers still run under a flood
+        sock = self.socket
+        for i in range(256):  # bounded, so timers still run under a flood
+            # After the first message ask before reading: a zmq.Again exception costs more than the question.
+            if i and not sock.getsockopt(_EVENTS) & _POLLIN:
+                return
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             self._handle(frames)
@@ -108,7 +125,7 @@ class RpcServer:
         if cached is not None:
             self.metrics.duplicates.inc()
             self.metrics.message("cached_reply", "out")
-            self.socket.send_multipart(head + [cached])
+            _send_frames(self.socket, head + [cached])
             return
         handler = self.handlers.get(type_name)
         try:
@@ -127,7 +144,7 @@ class RpcServer:
             return
         _, frame = encode(reply, sender=self.sender, cid=env.id)
         self._remember(env.id, frame)
-        self.socket.send_multipart(head + [frame])
+        _send_frames(self.socket, head + [frame])
         self.metrics.message(reply.type_name, "out")
         self.metrics.latency(type_name, "server", time.perf_counter() - started)
 
@@ -193,6 +210,8 @@ class RpcClient:
         sock.maxmsgsize = _hard_limit(self.max_frame_bytes)
         self.guard.client(sock, self.server_host or "")
         sock.connect(self.endpoint)
+        self._poller = zmq.Poller()  # Socket.poll() would build a new Poller on every request
+        self._poller.register(sock, zmq.POLLIN)
         return sock
 
     def _reset(self) -> None:
@@ -208,7 +227,7 @@ class RpcClient:
         started = time.perf_counter()
         for attempt in range(retries + 1):
             self.socket.send(frame)
-            if self.socket.poll(timeout * 1000, zmq.POLLIN):
+            if self._poller.poll(timeout * 1000):
                 env = decode(self.socket.recv(), max_frame_bytes=self.max_frame_bytes)
                 if env.cid != msg_id and not (isinstance(env.message, Error) and env.cid == b""):
                     raise MeshError(ErrorCode.UNDECODABLE, "reply does not answer this request (correlation id differs)")
@@ -225,7 +244,7 @@ class RpcClient:
     def send_raw(self, frames: list[bytes], *, timeout: float | None = None) -> bytes | None:
         """Sends arbitrary frames and returns the raw reply, or None on timeout. For probes and fuzzing."""
         self.socket.send_multipart(frames)
-        if self.socket.poll((self.timeout if timeout is None else timeout) * 1000, zmq.POLLIN):
+        if self._poller.poll((self.timeout if timeout is None else timeout) * 1000):
             return self.socket.recv()
         self._reset()
         return None
@@ -305,7 +324,7 @@ class Peer:
             p.attempts += 1
         p.timer = self.reactor.call_later(p.timeout, lambda: self._expired(msg_id))
         try:
-            self.socket.send_multipart([b"", p.frame], zmq.NOBLOCK)
+            _send_frames(self.socket, [b"", p.frame], _NOBLOCK)
         except zmq.Again:
             pass  # queue full: the timer treats it as a lost request
 
