@@ -11,6 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import Enum as EnumMetric
+from prometheus_client.core import CounterMetricFamily
 
 from network.messages import AgentState
 
@@ -23,9 +24,11 @@ class MeshMetrics:
         self.started = time.time()
         labels = {"agent": agent, "kind": kind}
         r = self.registry
-        self._messages = Counter("mesh_messages", "Messages sent and received, by type and direction",
-                                 ["type", "direction"], registry=r)
-        self._errors = Counter("mesh_errors", "Frames or requests that failed, by error code", ["code"], registry=r)
+        # Message and error counts are plain dict entries, read at scrape time: a prometheus
+        # Counter takes a lock per increment, which is a large part of a small message's cost.
+        self._message_counts: dict[tuple[str, str], int] = {}
+        self._error_counts: dict[str, int] = {}
+        r.register(_CountsCollector(self))
         self._latency = Histogram("mesh_request_latency_seconds", "Request handling time (server) and round trip (client)",
                                   ["type", "side"], buckets=LATENCY_BUCKETS, registry=r)
         self._auth_refused = Counter("mesh_auth_refused", "Connections refused by CURVE authentication, by reason",
@@ -40,8 +43,6 @@ class MeshMetrics:
         uptime.set_function(lambda: time.time() - self.started)
         self.state = EnumMetric("mesh_agent_state", "Lifecycle state of the agent", states=[s.value for s in AgentState],
                                 registry=r)
-        self._msg_children: dict[tuple[str, str], object] = {}
-        self._err_children: dict[str, object] = {}
         self._lat_children: dict[tuple[str, str], object] = {}
         self.messages_in = 0
         self.messages_out = 0
@@ -49,20 +50,16 @@ class MeshMetrics:
 
     def message(self, type_name: str, direction: str) -> None:
         key = (type_name, direction)
-        child = self._msg_children.get(key)
-        if child is None:
-            child = self._msg_children[key] = self._messages.labels(type_name, direction)
-        child.inc()
+        counts = self._message_counts
+        counts[key] = counts.get(key, 0) + 1
         if direction == "in":
             self.messages_in += 1
         else:
             self.messages_out += 1
 
     def error(self, code: str) -> None:
-        child = self._err_children.get(code)
-        if child is None:
-            child = self._err_children[code] = self._errors.labels(str(code))
-        child.inc()
+        code = str(code)
+        self._error_counts[code] = self._error_counts.get(code, 0) + 1
         self.errors += 1
 
     def latency(self, type_name: str, side: str, seconds: float) -> None:
@@ -80,3 +77,26 @@ class MeshMetrics:
         """Current value of one series (for tests and status lines)."""
         value = self.registry.get_sample_value(name, labels or {})
         return value or 0.0
+
+
+class _CountsCollector:
+    """Exposes MeshMetrics' plain counts as the counters mesh_messages_total and mesh_errors_total."""
+
+    def __init__(self, metrics: MeshMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return [CounterMetricFamily("mesh_messages", "Messages sent and received, by type and direction",
+                                    labels=["type", "direction"]),
+                CounterMetricFamily("mesh_errors", "Frames or requests that failed, by error code", labels=["code"])]
+
+    def collect(self):
+        messages = CounterMetricFamily("mesh_messages", "Messages sent and received, by type and direction",
+                                       labels=["type", "direction"])
+        for (type_name, direction), n in list(self.metrics._message_counts.items()):
+            messages.add_metric([type_name, direction], n)
+        errors = CounterMetricFamily("mesh_errors", "Frames or requests that failed, by error code", labels=["code"])
+        for code, n in list(self.metrics._error_counts.items()):
+            errors.add_metric([code], n)
+        yield messages
+        yield errors
