@@ -49,9 +49,11 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
     """Start every agent of this host, restart crashed ones, stop all on Ctrl-C."""
     from rich.logging import RichHandler
 
-    from agents.control import fetch_status
+    from agents.control import client
     from agents.supervisor import Supervisor
+    from network.messages import StatusRequest
     from network.rpc import MeshError
+    from network.security import MissingKey
 
     logging.basicConfig(level="INFO", format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
     cfg = _load(config, host)
@@ -61,7 +63,7 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
     started = time.monotonic()
-    state = {"reported": None, "next": 0.0}
+    state = {"reported": None, "next": 0.0, "twin": None}
     twin_here = cfg.twin in sup.children
 
     def tick() -> None:
@@ -70,7 +72,13 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
             return
         state["next"] = now + 1.0
         try:
-            status = fetch_status(cfg, timeout=0.5)
+            if state["twin"] is None:
+                state["twin"] = client(cfg, cfg.twin, timeout=0.5, sender="meshctl-up")
+            status = state["twin"].request(StatusRequest())
+        except MissingKey as exc:
+            logging.getLogger("meshctl.up").error("%s", exc)
+            state["next"] = float("inf")
+            return
         except MeshError:
             if twin_here and now - started > 10 and state["reported"] != "unreachable":
                 logging.getLogger("meshctl.up").warning("the twin is not answering at %s", cfg.endpoint(cfg.twin))
@@ -91,6 +99,9 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
     except ConfigError as exc:
         err.print(f"[bold red]config error[/]\n{escape(str(exc))}")
         raise typer.Exit(2) from None
+    finally:
+        if state["twin"] is not None:
+            state["twin"].close()
 
 
 @app.command()
@@ -116,7 +127,7 @@ def status(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"
             print(reply.model_dump_json(indent=2))
             return
         table = Table(title=f"mesh {reply.mesh}: {reply.mesh_state}", title_justify="left")
-        for col in ("agent", "host", "group", "state", "heartbeat", "uptime", "restarts", "msgs in/out", "errors",
+        for col in ("agent", "host/group", "state", "beat", "up", "restarts", "msgs in/out", "errors",
                     "waiting on / detail"):
             table.add_column(col)
         for a in reply.agents:
@@ -124,7 +135,7 @@ def status(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"
             age = "-" if a.last_heartbeat_age_s is None else f"{a.last_heartbeat_age_s:.1f}s"
             up_ = "-" if a.uptime_s is None else f"{a.uptime_s:.0f}s"
             note = ", ".join(a.waiting_on) if a.waiting_on else a.detail
-            table.add_row(a.agent + ("" if a.required else " (optional)"), a.host, a.group, f"[{style}]{a.state}[/]",
+            table.add_row(a.agent + ("" if a.required else " (optional)"), f"{a.host}/{a.group}", f"[{style}]{a.state}[/]",
                           age, up_, str(a.restarts), f"{a.stats.messages_in}/{a.stats.messages_out}",
                           str(a.stats.errors), note)
         if watch:
