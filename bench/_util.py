@@ -231,3 +231,12 @@ def install_sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_main(main) -> None:
+    """Runs a benchmark's main(); Ctrl-C exits 130 after its own clean-up has run."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process the benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)

@@ -52,6 +52,7 @@ import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
 from bench._util import (  # noqa: E402
+    run_main,
     MeshUp, free_port_block, install_sigterm_as_interrupt, scan_logs, summarize_logs, write_config,
 )
 
@@ -494,8 +495,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process the benchmark started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

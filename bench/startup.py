@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._util import (  # noqa: E402
+    run_main,
     MeshUp, alive, can_bind, cpu_seconds, free_port_block, install_sigterm_as_interrupt, scan_logs, summarize_logs,
     write_config,
 )
@@ -255,8 +256,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process the benchmark started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
