@@ -29,7 +29,8 @@ ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Mesh config fil
 HostOpt = typer.Option(None, "--host", help="Host to act as (default: the file's `host:`, or its only host).")
 
 STATE_STYLE = {"ready": "green", "degraded": "yellow", "waiting": "cyan", "starting": "cyan", "dead": "bold red",
-               "stopped": "dim", "declared": "dim", "draining": "yellow"}
+               "stopped": "dim", "declared": "dim", "draining": "yellow", "unreachable": "bold red",
+               "reachable": "green", "local": "green", "unknown": "dim"}
 
 
 def _load(path: str, host: str | None = None) -> MeshConfig:
@@ -138,9 +139,12 @@ def status(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"
             table.add_row(a.agent + ("" if a.required else " (optional)"), f"{a.host}/{a.group}", f"[{style}]{a.state}[/]",
                           age, up_, str(a.restarts), f"{a.stats.messages_in}/{a.stats.messages_out}",
                           str(a.stats.errors), note)
+        hosts = "   ".join(f"{h.host} ({h.address}) [{STATE_STYLE.get(h.state, '')}]{h.state}[/] {h.ready}/{h.agents} ready"
+                           for h in reply.hosts)
         if watch:
             console.clear()
         console.print(table)
+        console.print(f"hosts: {hosts}")
         if not watch:
             return
         time.sleep(1)

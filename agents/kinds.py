@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "agent_mesh.kinds"
 BUILTIN: dict[str, str] = {
     "digital_twin": "agents.twin:DigitalTwin",
     "echo": "agents.echo:EchoAgent",
+    "probe": "agents.probe:ProbeAgent",
 }
 
 

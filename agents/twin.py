@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from agents.runtime import READY_STATES, Agent, handles
 from network.codec import Envelope
 from network.messages import (
-    Ack, AgentState, AgentStats, AgentStatus, Deregister, ErrorCode, Heartbeat, HeartbeatAck, ReadyStatus, Register,
-    Registered, StateChanged, StatusReply, StatusRequest, WaitReady,
+    Ack, AgentState, AgentStats, AgentStatus, Deregister, ErrorCode, Heartbeat, HeartbeatAck, HostChanged, HostState,
+    HostStatus, ReadyStatus, Register, Registered, StateChanged, StatusReply, StatusRequest, WaitReady,
 )
 from network.rpc import MeshError
 
 LIVE = (AgentState.STARTING, AgentState.WAITING, AgentState.READY, AgentState.DEGRADED, AgentState.DRAINING)
+SILENT = (AgentState.DEAD, AgentState.UNREACHABLE)
 
 
 @dataclass
@@ -62,6 +63,8 @@ class DigitalTwin(Agent):
         for name, spec in cfg.agents.items():
             for dep in spec.depends_on:
                 self.dependents[dep].append(name)
+        self.host_states: dict[str, HostState] = {
+            h: HostState.LOCAL if h == self.host else HostState.UNKNOWN for h in cfg.hosts}
         me = self.records[self.name]
         me.instance, me.pid, me.started_at, me.last_seen = self.instance, os.getpid(), time.time(), time.monotonic()
         me.reported = me.state = AgentState.READY
@@ -89,6 +92,7 @@ class DigitalTwin(Agent):
             rec.started_at = time.time()
         rec.instance, rec.pid, rec.last_seen = msg.instance, msg.pid, time.monotonic()
         rec.reported = AgentState(msg.state)
+        self._heard_from(rec.host)
         rec.waiting_on = self._waiting_on(rec)
         self._refresh(rec, reason)
         return Registered(waiting_on=rec.waiting_on, heartbeat_interval_s=self.config.mesh.heartbeat_interval_s,
@@ -101,6 +105,7 @@ class DigitalTwin(Agent):
             return HeartbeatAck(registered=False)
         rec.last_seen = time.monotonic()
         rec.reported, rec.stats, rec.detail = AgentState(msg.state), msg.stats, msg.detail
+        self._heard_from(rec.host)
         if rec.reported in READY_STATES:
             rec.waiting_on = []
         self._refresh(rec, "heartbeat" if rec.state != AgentState.DEAD else "heartbeat after silence")
@@ -113,10 +118,11 @@ class DigitalTwin(Agent):
             return ReadyStatus(ready=False, waiting_on=self._waiting_on(rec), registered=False)
         if rec.instance is not None and rec.state not in (AgentState.STOPPED,):
             rec.last_seen = time.monotonic()
+            self._heard_from(rec.host)
         waiting = self._waiting_on(rec)
         changed = waiting != rec.waiting_on
         rec.waiting_on = waiting
-        if rec.reported in (AgentState.STARTING, AgentState.WAITING, AgentState.DEAD) and rec.instance is not None:
+        if rec.reported in (AgentState.STARTING, AgentState.WAITING, *SILENT) and rec.instance is not None:
             rec.reported = AgentState.WAITING
             if rec.state != AgentState.WAITING:
                 self._refresh(rec, "waiting on " + ", ".join(waiting) if waiting else "dependencies ready")
@@ -148,14 +154,19 @@ class DigitalTwin(Agent):
                 last_heartbeat_age_s=None if rec.last_seen is None else round(now - rec.last_seen, 3),
                 uptime_s=round(time.time() - rec.started_at, 1) if live and rec.started_at else None,
                 restarts=rec.restarts, pid=rec.pid, stats=rec.stats, detail=rec.note))
+        hosts = []
+        for host, state in self.host_states.items():
+            mine = [r for r in self.records.values() if r.host == host]
+            hosts.append(HostStatus(host=host, address=self.config.hosts[host].address, state=state, agents=len(mine),
+                                    ready=sum(r.state in READY_STATES for r in mine)))
         return StatusReply(mesh=self.config.mesh.name, mesh_state=self.mesh_state(),
-                           twin_uptime_s=round(time.time() - self.started, 1), agents=agents)
+                           twin_uptime_s=round(time.time() - self.started, 1), agents=agents, hosts=hosts)
 
     # --- state -----------------------------------------------------------------------------------
 
     def mesh_state(self) -> str:
         required = [r for r in self.records.values() if r.required]
-        if any(r.state in (AgentState.DEAD,) for r in required):
+        if any(r.state in SILENT for r in required):
             return "failing"
         if not all(r.state in READY_STATES for r in required):
             return "starting"
@@ -201,12 +212,40 @@ class DigitalTwin(Agent):
         self.publish(StateChanged(agent=rec.agent, host=rec.host, previous=previous, state=rec.state,
                                   waiting_on=rec.waiting_on, restarts=rec.restarts, reason=reason))
 
+    def _heard_from(self, host: str) -> None:
+        if self.host_states[host] in (HostState.UNKNOWN, HostState.UNREACHABLE):
+            self._set_host(host, HostState.REACHABLE, "an agent of it is heard again"
+                           if self.host_states[host] == HostState.UNREACHABLE else "first agent registered")
+
+    def _set_host(self, host: str, state: HostState, reason: str) -> None:
+        previous = self.host_states[host]
+        self.host_states[host] = state
+        log = self.log.warning if state == HostState.UNREACHABLE else self.log.info
+        log("host %s: %s -> %s (%s)", host, previous, state, reason)
+        self.publish(HostChanged(host=host, previous=previous, state=state, reason=reason))
+
     def _sweep(self) -> None:
+        """Silent agents are dead; when every agent of another host is silent at once, the host
+        is unreachable (the link, not the agents, is the likely cause) and its agents say so."""
         now = time.monotonic()
+        silent_by_host: dict[str, list[Record]] = {}
+        heard: set[str] = set()
         for rec in self.records.values():
-            if rec.agent == self.name or rec.state not in LIVE or rec.last_seen is None:
+            if rec.agent == self.name or rec.last_seen is None:
                 continue
-            silent = now - rec.last_seen
-            if silent > self.dead_after:
-                rec.reported = AgentState.DEAD
-                self._refresh(rec, f"no heartbeat for {silent:.1f}s ({self.config.mesh.dead_after_missed} missed)")
+            if now - rec.last_seen <= self.dead_after:
+                heard.add(rec.host)
+            elif rec.state in LIVE or rec.state in SILENT:
+                silent_by_host.setdefault(rec.host, []).append(rec)
+        missed = self.config.mesh.dead_after_missed
+        for host, silent in silent_by_host.items():
+            cut_off = host != self.host and host not in heard
+            if cut_off and self.host_states[host] != HostState.UNREACHABLE:
+                self._set_host(host, HostState.UNREACHABLE,
+                               f"no agent of {host} ({self.config.hosts[host].address}) heard for {self.dead_after:.1f}s")
+            for rec in silent:
+                state = AgentState.UNREACHABLE if cut_off else AgentState.DEAD
+                if rec.reported != state:
+                    rec.reported = state
+                    why = f"host {host} unreachable" if cut_off else f"no heartbeat for {now - rec.last_seen:.1f}s ({missed} missed)"
+                    self._refresh(rec, why)

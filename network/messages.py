@@ -82,6 +82,7 @@ class AgentState(StrEnum):
     DRAINING = "draining"
     STOPPED = "stopped"
     DEAD = "dead"
+    UNREACHABLE = "unreachable"  # silent, together with every other agent of its host: the link is down
 
 
 class Ping(Message):
@@ -196,12 +197,39 @@ class AgentStatus(BaseModel):
     detail: str = ""
 
 
+class HostState(StrEnum):
+    LOCAL = "local"  # the twin's own host
+    UNKNOWN = "unknown"  # no agent of it has registered yet
+    REACHABLE = "reachable"
+    UNREACHABLE = "unreachable"
+
+
+class HostStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+    host: str
+    address: str
+    state: HostState
+    agents: int
+    ready: int
+
+
 class StatusReply(Message):
     type_name: ClassVar[str] = "twin.status_reply"
     mesh: str
     mesh_state: str
     twin_uptime_s: float
     agents: list[AgentStatus]
+    hosts: list[HostStatus] = Field(default_factory=list)
+
+
+class HostChanged(Message):
+    """Published by the twin on topic `twin.host` when a host becomes reachable or unreachable."""
+
+    type_name: ClassVar[str] = "twin.host"
+    host: str
+    previous: HostState
+    state: HostState
+    reason: str = ""
 
 
 class StateChanged(Message):

@@ -1,7 +1,8 @@
 """One valid instance of every message type, for tests that must cover them all."""
 
+from agents.probe import ProbeCounts, ProbeReport, ProbeWatch
 from network.messages import (
-    Ack, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
+    Ack, HostChanged, HostStatus, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
     Registered, StateChanged, StatusReply, StatusRequest, WaitReady,
 )
 
@@ -23,6 +24,11 @@ SAMPLES = {m.type_name: m for m in [
     ReadyStatus(ready=False, waiting_on=["b"], registered=True),
     Deregister(agent="a", instance="i1", reason="stopped"),
     StatusRequest(),
-    StatusReply(mesh="m", mesh_state="ready", twin_uptime_s=9.0, agents=[_status]),
+    StatusReply(mesh="m", mesh_state="ready", twin_uptime_s=9.0, agents=[_status],
+                hosts=[HostStatus(host="h", address="10.0.0.2", state="unreachable", agents=2, ready=0)]),
+    HostChanged(host="h", previous="reachable", state="unreachable", reason="link down"),
+    ProbeWatch(agent="a", topic="probe."),
+    ProbeReport(agent="a"),
+    ProbeCounts(agent="a", received=3, last_seq=7),
     StateChanged(agent="a", host="h", previous="waiting", state="ready", restarts=0, reason="heartbeat"),
 ]}

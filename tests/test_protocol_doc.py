@@ -4,13 +4,18 @@ real sockets against a running twin and echo agent, with the reply the document 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import zmq
 
+import importlib
+
 from agents.control import client
+from agents.kinds import BUILTIN, module_of
 from network.codec import encode
-from network.messages import REGISTRY, Ack, Error, StateChanged
+from agents.probe import ProbeReport, ProbeWatch
+from network.messages import REGISTRY, Ack, Echo, Error, HostChanged, StateChanged
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
 from network.rpc import MeshError
@@ -29,11 +34,17 @@ def documented() -> dict[str, str]:
 
 
 def test_the_document_lists_exactly_the_registered_types():
+    for kind in BUILTIN:  # the types that shipped kinds register, too
+        importlib.import_module(module_of(kind))
     assert set(documented()) == set(REGISTRY)
 
 
 def test_every_documented_type_on_the_wire(write_config, run_agents):
-    _, cfg = write_config(mesh_dict({"echo": {"kind": "echo", "depends_on": ["twin"], "settings": {"publish": True}}}))
+    _, cfg = write_config(mesh_dict(
+        {"echo": {"kind": "echo", "depends_on": ["twin"], "settings": {"publish": True}},
+         "probe": {"kind": "probe", "depends_on": ["twin"]}},
+        hosts={"local": {"address": "127.0.0.1"}, "far": {"address": "127.0.0.2"}},
+        groups={"core": {"host": "local", "agents": ["twin", "echo"]}, "edge": {"host": "far", "agents": ["probe"]}}))
     run_agents(cfg, "twin", "echo")
     seen: dict[str, str] = {}
     ctx = zmq.Context()
@@ -45,6 +56,17 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
     try:
         with client(cfg, "twin", timeout=2) as twin, client(cfg, "echo", timeout=2) as echo:
             wait_for(lambda: echo.request(SAMPLES["mesh.ping"]).state == "ready", what="echo ready")
+            time.sleep(0.3)  # let the subscriber join before the far host's first agent registers
+            run_agents(cfg, "probe")
+            with client(cfg, "probe", timeout=2) as probe:
+                wait_for(lambda: probe.request(SAMPLES["mesh.ping"]).state == "ready", what="probe ready")
+                seen["probe.watch"] = probe.request(ProbeWatch(agent="echo", topic="echo.")).type_name
+                time.sleep(0.3)
+                echo.request(Echo(seq=77))
+                counts = wait_for(lambda: (c := probe.request(ProbeReport(agent="echo"))).received and c,
+                                  what="probe saw the echo event")
+                seen["probe.report"] = counts.type_name
+                assert counts.last_seq == 77
             status = twin.request(SAMPLES["twin.status"])
             instance = "fresh-instance"
             requests = {
@@ -72,6 +94,8 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
             raw = echo.send_raw([encode(SAMPLES["mesh.ping"], sender="t")[1][:-2]])
             assert raw is not None and b"mesh.error" in raw
         wait_for(lambda: (sub.on_readable(), any(isinstance(e, StateChanged) for e in events))[1], what="twin.state")
+        host_events = [e for e in events if isinstance(e, HostChanged)]
+        assert [(e.host, e.state) for e in host_events] == [("far", "reachable")]
         wait_for(lambda: (sub.on_readable(), any(e.type_name == "mesh.echo" for e in events))[1], what="echo event")
     finally:
         sub.close()
@@ -81,6 +105,6 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
         if name in ("mesh.error",):
             continue
         assert answers[name].startswith(reply), (name, reply, answers[name])
-    exercised = set(seen) | {REGISTRY[r].type_name for r in seen.values() if r in REGISTRY} | {"twin.state"}
+    exercised = set(seen) | {REGISTRY[r].type_name for r in seen.values() if r in REGISTRY} | {"twin.state", "twin.host"}
     assert exercised >= set(REGISTRY) - {Ack.type_name, Error.type_name} | {"mesh.error"}
     assert Ack.type_name in seen.values()

@@ -1,0 +1,121 @@
+"""The mesh across a real network boundary: two lab hosts (network namespaces on a veth link)
+running the shipped config/mainpc.yaml and config/pc2.yaml, with CURVE on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from network.lab import Lab, available
+from tests.conftest import ROOT, wait_for
+
+HOSTS = ("mainpc", "pc2")
+
+
+class TwoHostMesh:
+    """Both hosts' `meshctl up`, each in its namespace, sharing one keys directory."""
+
+    def __init__(self, lab: Lab, tmp: Path):
+        self.lab = lab
+        self.tmp = tmp
+        self.keys = tmp / "keys"
+        r = subprocess.run([sys.executable, "-m", "agents.cli", "keys", "generate", *HOSTS, "--keys-dir", str(self.keys)],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        a, b = (lab.hosts[h].address for h in HOSTS)
+        self.env = dict(os.environ, MAINPC_ADDRESS=a, PC2_ADDRESS=b, MAINPC_BIND=a, PC2_BIND=b,
+                        MESH_KEYS_DIR=str(self.keys), COLUMNS="200")
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def env_for(self, host: str) -> dict:
+        return dict(self.env, MESH_DATA_DIR=str(self.tmp / host))
+
+    def start(self, host: str) -> None:
+        out = (self.tmp / f"up-{host}.out").open("ab")
+        self.procs[host] = self.lab.spawn(host, [sys.executable, "-m", "agents.cli", "up", "--config",
+                                                 f"config/{host}.yaml"], cwd=ROOT, env=self.env_for(host),
+                                          stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self, host: str) -> None:
+        proc = self.procs.pop(host)
+        os.killpg(proc.pid, 2)
+        proc.wait(30)
+
+    def status(self) -> dict:
+        r = self.lab.run("mainpc", [sys.executable, "-m", "agents.cli", "status", "--json", "--config",
+                                    "config/mainpc.yaml"], cwd=ROOT, env=self.env_for("mainpc"), timeout=30)
+        if r.returncode != 0:
+            raise AssertionError(r.stderr)
+        return json.loads(r.stdout)
+
+    def agents(self) -> dict[str, dict]:
+        return {a["agent"]: a for a in self.status()["agents"]}
+
+    def all_ready(self) -> bool:
+        return all(a["state"] == "ready" for a in self.agents().values())
+
+
+@pytest.fixture
+def lab():
+    ok, why = available()
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the lab tests: {why}")
+        pytest.skip(why)
+    with Lab(HOSTS) as lab:
+        yield lab
+    assert not lab.leftovers(), "the lab left namespaces behind"
+
+
+@pytest.fixture
+def mesh(lab, tmp_path):
+    m = TwoHostMesh(lab, tmp_path)
+    m.start("pc2")
+    m.start("mainpc")
+    wait_for(m.all_ready, timeout=40, interval=0.5, what="every agent ready on both lab hosts")
+    yield m
+    for host in list(m.procs):
+        m.stop(host)
+
+
+def test_whole_mesh_split_over_two_hosts(mesh, lab):
+    st = mesh.status()
+    placed = {a["agent"]: a["host"] for a in st["agents"]}
+    assert placed == {"twin": "mainpc", "probe-mainpc": "mainpc", "probe-pc2": "pc2"}
+    hosts = {h["host"]: h for h in st["hosts"]}
+    assert hosts["mainpc"]["state"] == "local" and hosts["pc2"]["state"] == "reachable"
+    assert hosts["pc2"]["address"] == lab.hosts["pc2"].address
+    assert st["mesh_state"] == "ready"
+    # the agents on pc2 really live in pc2's namespace, bound to its address
+    pid = next(a["pid"] for a in st["agents"] if a["agent"] == "probe-pc2")
+    assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink(f"/proc/{mesh.procs['pc2'].pid}/ns/net")
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert "curve on" in (mesh.tmp / "pc2" / "logs" / "probe-pc2.log").read_text()
+
+
+def test_partition_marks_pc2_unreachable_and_heals_without_restarts(mesh, lab):
+    before = mesh.agents()
+    lab.cut()
+    cut_at = time.monotonic()
+    wait_for(lambda: mesh.agents()["probe-pc2"]["state"] == "unreachable", timeout=15, interval=0.5,
+             what="probe-pc2 unreachable")
+    detected = time.monotonic() - cut_at
+    st = mesh.status()
+    assert {h["host"]: h["state"] for h in st["hosts"]}["pc2"] == "unreachable"
+    assert mesh.agents()["probe-mainpc"]["state"] == "ready"
+    time.sleep(2)  # well past the dead-agent timeout (3 s)
+    lab.restore()
+    restored_at = time.monotonic()
+    wait_for(mesh.all_ready, timeout=30, interval=0.5, what="every agent ready again after the link is back")
+    healed = time.monotonic() - restored_at
+    after = mesh.agents()
+    assert {a: s["pid"] for a, s in after.items()} == {a: s["pid"] for a, s in before.items()}
+    assert all(s["restarts"] == 0 for s in after.values())
+    assert {h["host"]: h["state"] for h in mesh.status()["hosts"]}["pc2"] == "reachable"
+    print(f"partition: detected after {detected:.1f}s, healed {healed:.1f}s after restore")
