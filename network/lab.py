@@ -5,6 +5,10 @@ Each host is a network namespace with its own loopback and one end of a veth pai
 restore, and shape with latency or loss. Processes run inside a host with `nsenter --net`
 (not `ip netns exec`, which remounts /sys and breaks runc's cgroups).
 
+With `wire=True` the two hosts are not joined directly: each veth leads into a middle
+namespace where `network.wire` forwards frames between them in userspace, so latency and loss
+can be added on kernels without the netem qdisc (needs ethtool, to turn offloads off).
+
 Needs root and iproute2. Everything the lab made is removed by `close()` (also from `with`,
 and at interpreter exit), including processes it started; `sweep()` removes leftovers of a
 lab that was killed before it could clean up.
@@ -13,11 +17,13 @@ lab that was killed before it could clean up.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +49,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.lru_cache(maxsize=1)
 def netem_available() -> tuple[bool, str]:
     """Whether this kernel has the netem qdisc (latency and loss)."""
     ok, why = available()
@@ -97,9 +104,13 @@ class Lab:
     """Two hosts joined by one veth link. `names` become the hosts' names (e.g. mainpc, pc2)."""
 
     names: tuple[str, str] = ("mainpc", "pc2")
+    wire: bool = False
     hosts: dict[str, LabHost] = field(default_factory=dict)
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _closed: bool = True
+    _wire_ns: str = ""
+    _wire_devs: tuple[str, str] = ("", "")
+    _wire_proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Lab:
         self.up()
@@ -128,15 +139,52 @@ class Lab:
             for h in self.hosts.values():
                 _ip("netns", "add", h.netns)
                 _ip("-n", h.netns, "link", "set", "lo", "up")
-            _ip("link", "add", devs[0], "type", "veth", "peer", "name", devs[1])
+            if self.wire:
+                self._build_wire(tag)
+            else:
+                _ip("link", "add", devs[0], "type", "veth", "peer", "name", devs[1])
             for h in self.hosts.values():
                 _ip("link", "set", h.dev, "netns", h.netns)
                 _ip("-n", h.netns, "addr", "add", f"{h.address}/30", "dev", h.dev)
                 _ip("-n", h.netns, "link", "set", h.dev, "up")
+            if self.wire:
+                for h in self.hosts.values():
+                    self._offloads_off(h.netns, h.dev)
+                self._start_wire(0, 0)
         except Exception:
             self.close()
             raise
         return self
+
+    def _build_wire(self, tag: str) -> None:
+        if shutil.which("ethtool") is None:
+            raise LabUnavailable("a lab with a userspace wire needs ethtool (apt-get install -y ethtool)")
+        self._wire_ns = f"{PREFIX}-{tag}-wire"
+        self._wire_devs = (f"wire{tag[-4:]}a", f"wire{tag[-4:]}b")
+        _ip("netns", "add", self._wire_ns)
+        for h, wdev in zip(self.hosts.values(), self._wire_devs):
+            _ip("link", "add", h.dev, "type", "veth", "peer", "name", wdev)
+            _ip("link", "set", wdev, "netns", self._wire_ns)
+            _ip("-n", self._wire_ns, "link", "set", wdev, "up")
+            self._offloads_off(self._wire_ns, wdev)
+
+    @staticmethod
+    def _offloads_off(netns: str, dev: str) -> None:
+        subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "--", "ethtool", "-K", dev, "tx", "off", "rx", "off",
+                        "tso", "off", "gso", "off", "gro", "off"], capture_output=True, check=True)
+
+    def _start_wire(self, delay_ms: float, loss_pct: float) -> None:
+        if self._wire_proc is not None:
+            self._wire_proc.terminate()
+            self._wire_proc.wait(5)
+        self._wire_proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self._wire_ns}", "--", sys.executable, "-m", "network.wire",
+             *self._wire_devs, "--delay-ms", str(delay_ms), "--loss-pct", str(loss_pct)],
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self._procs.append(self._wire_proc)
+        line = self._wire_proc.stdout.readline()
+        if not line.startswith("wire "):
+            raise RuntimeError(f"the lab's wire did not start (exit {self._wire_proc.poll()})")
 
     # --- running things inside a host --------------------------------------------------------
 
@@ -175,7 +223,11 @@ class Lab:
             time.sleep(0.05)
 
     def shape(self, *, delay_ms: float = 0, loss_pct: float = 0) -> None:
-        """Adds latency and/or loss in both directions (tc netem); shape() with no arguments clears it."""
+        """Adds latency and/or loss in each direction (tc netem, or the userspace wire of a lab made
+        with wire=True); shape() with no arguments clears it."""
+        if self.wire:
+            self._start_wire(delay_ms, loss_pct)
+            return
         for h in self.hosts.values():
             self._tc(h.name, ["qdisc", "del", "dev", h.dev, "root"], check=False)
             if delay_ms or loss_pct:
@@ -218,9 +270,11 @@ class Lab:
                 proc.wait()
         for h in self.hosts.values():
             _ip("netns", "del", h.netns, check=False)  # takes its end of the veth pair with it
+        if self._wire_ns:
+            _ip("netns", "del", self._wire_ns, check=False)
         atexit.unregister(self.close)
 
     def leftovers(self) -> list[str]:
         """Namespaces of this lab that still exist (empty after close())."""
-        names = {h.netns for h in self.hosts.values()}
+        names = {h.netns for h in self.hosts.values()} | ({self._wire_ns} if self._wire_ns else set())
         return [n for n in (Path("/run/netns").iterdir() if Path("/run/netns").exists() else []) if n.name in names]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from network.lab import Lab, available
+from network.lab import Lab, available, netem_available
 from tests.conftest import ROOT, wait_for
 
 HOSTS = ("mainpc", "pc2")
@@ -61,14 +61,19 @@ class TwoHostMesh:
         return all(a["state"] == "ready" for a in self.agents().values())
 
 
-@pytest.fixture
-def lab():
+@pytest.fixture(params=[0, 50], ids=["direct", "50ms"])
+def lab(request):
+    """Two lab hosts; the `50ms` variant adds 50 ms each way (tc netem where the kernel has it,
+    else the lab's userspace wire)."""
     ok, why = available()
     if not ok:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the lab tests: {why}")
         pytest.skip(why)
-    with Lab(HOSTS) as lab:
+    delay = request.param
+    with Lab(HOSTS, wire=bool(delay) and not netem_available()[0]) as lab:
+        if delay:
+            lab.shape(delay_ms=delay)
         yield lab
     assert not lab.leftovers(), "the lab left namespaces behind"
 
