@@ -12,10 +12,28 @@ from pathlib import Path
 
 import pytest
 
+from agents.config import load_config
 from network.lab import Lab, available, netem_available
 from tests.conftest import ROOT, wait_for
 
 HOSTS = ("mainpc", "pc2")
+ECHOES_HANDLED = 'mesh_request_latency_seconds_count{side="server",type="mesh.echo"}'
+
+# Work in flight across the partition: sequential requests from MainPC to PC2's probe, each retried
+# (Lazy Pirate, same id) until answered. Prints the sequence numbers of the replies.
+SENDER = """
+import sys, time
+from agents.config import load_config
+from agents.control import client
+from network.messages import Echo
+cfg = load_config("config/mainpc.yaml")
+got = []
+with client(cfg, "probe-pc2", timeout=1.0, retries=60) as c:
+    for seq in range(int(sys.argv[1])):
+        got.append(c.request(Echo(seq=seq, payload=b"work")).seq)
+        time.sleep(0.1)
+print(" ".join(map(str, got)))
+"""
 
 
 class TwoHostMesh:
@@ -53,6 +71,23 @@ class TwoHostMesh:
         if r.returncode != 0:
             raise AssertionError(r.stderr)
         return json.loads(r.stdout)
+
+    def metric(self, agent: str, sample: str) -> float:
+        """Sum of the samples starting with `sample`, scraped from inside MainPC (the only place
+        that reaches both hosts)."""
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            cfg = load_config(ROOT / "config" / "mainpc.yaml")
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        url = f"http://{cfg.hosts[cfg.host_of(agent)].address}:{cfg.port(agent, 'metrics')}/metrics"
+        code = (f"import urllib.request;b=urllib.request.urlopen({url!r},timeout=5).read().decode();"
+                f"print(sum(float(l.rsplit(' ',1)[1]) for l in b.splitlines() if l.startswith({sample!r})))")
+        r = self.lab.run("mainpc", [sys.executable, "-c", code], timeout=30)
+        assert r.returncode == 0, r.stderr
+        return float(r.stdout)
 
     def agents(self) -> dict[str, dict]:
         return {a["agent"]: a for a in self.status()["agents"]}
@@ -106,6 +141,11 @@ def test_whole_mesh_split_over_two_hosts(mesh, lab):
 
 def test_partition_marks_pc2_unreachable_and_heals_without_restarts(mesh, lab):
     before = mesh.agents()
+    handled_before = mesh.metric("probe-pc2", ECHOES_HANDLED)
+    work = 40
+    sender = lab.spawn("mainpc", [sys.executable, "-c", SENDER, str(work)], cwd=ROOT, env=mesh.env_for("mainpc"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # some work done, some in flight when the link goes
     lab.cut()
     cut_at = time.monotonic()
     wait_for(lambda: mesh.agents()["probe-pc2"]["state"] == "unreachable", timeout=15, interval=0.5,
@@ -123,4 +163,11 @@ def test_partition_marks_pc2_unreachable_and_heals_without_restarts(mesh, lab):
     assert {a: s["pid"] for a, s in after.items()} == {a: s["pid"] for a, s in before.items()}
     assert all(s["restarts"] == 0 for s in after.values())
     assert {h["host"]: h["state"] for h in mesh.status()["hosts"]}["pc2"] == "reachable"
-    print(f"partition: detected after {detected:.1f}s, healed {healed:.1f}s after restore")
+    out, err = sender.communicate(timeout=60)
+    assert sender.returncode == 0, err
+    assert out.split() == [str(i) for i in range(work)], "a request in flight was lost or answered out of order"
+    handled = mesh.metric("probe-pc2", ECHOES_HANDLED) - handled_before
+    retried = mesh.metric("probe-pc2", "mesh_duplicate_requests_total")
+    assert handled == work, f"PC2 handled {handled:.0f} requests for {work} sent: retries were handled twice"
+    print(f"partition: detected after {detected:.1f}s, healed {healed:.1f}s after restore; "
+          f"{work} requests all answered once ({retried:.0f} retries answered from the reply cache)")
