@@ -33,7 +33,7 @@ from network.metrics import MeshMetrics
 from network.pubsub import Publisher, Subscriber
 from network.reactor import Reactor
 from network.rpc import MeshError, Peer, RpcServer
-from network.security import Guard, load_identity
+from network.security import Guard, MissingKey, load_identity
 
 READY_STATES = (AgentState.READY, AgentState.DEGRADED)
 WAIT_POLL_S = 0.5  # fallback poll while waiting; twin state events usually wake the agent sooner
@@ -210,11 +210,14 @@ class Agent:
             self.server.route(message_type, getattr(self, attr))
         if self.uses_twin:
             twin = self.config.twin
-            self.twin = Peer(self.ctx, self.reactor, self.config.endpoint(twin, "rpc"), sender=self.name,
-                             metrics=self.metrics, guard=self.guard, server_host=self.config.host_of(twin),
-                             max_frame_bytes=mesh.max_frame_bytes)
-            if self.spec.depends_on:
-                self.subscribe(twin, StateChanged.type_name, self._on_twin_state)
+            try:
+                self.twin = Peer(self.ctx, self.reactor, self.config.endpoint(twin, "rpc"), sender=self.name,
+                                 metrics=self.metrics, guard=self.guard, server_host=self.config.host_of(twin),
+                                 max_frame_bytes=mesh.max_frame_bytes)
+                if self.spec.depends_on:
+                    self.subscribe(twin, StateChanged.type_name, self._on_twin_state)
+            except MissingKey as exc:
+                raise StartupError(str(exc)) from None
             self.reactor.every(0.05, self._twin_tick, first=0)
         self.setup()
         self.log.info("started: rpc %s, pub %s, metrics :%d, curve %s", self.server.endpoint, self.publisher.endpoint,

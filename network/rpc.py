@@ -208,7 +208,14 @@ class RpcClient:
         sock = self.ctx.socket(zmq.REQ)
         sock.linger = 0
         sock.maxmsgsize = _hard_limit(self.max_frame_bytes)
-        self.guard.client(sock, self.server_host or "")
+        try:
+            self.guard.client(sock, self.server_host or "")
+        except Exception:
+            sock.close(linger=0)
+            if self._own_ctx:
+                self.guard.close()
+                self.ctx.term()
+            raise
         sock.connect(self.endpoint)
         self._poller = zmq.Poller()  # Socket.poll() would build a new Poller on every request
         self._poller.register(sock, zmq.POLLIN)
@@ -298,7 +305,11 @@ class Peer:
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.maxmsgsize = _hard_limit(self.max_frame_bytes)
-        self.guard.client(sock, self.server_host or "")
+        try:
+            self.guard.client(sock, self.server_host or "")
+        except Exception:
+            sock.close(linger=0)
+            raise
         sock.connect(self.endpoint)
         self.reactor.add_socket(sock, self._on_readable)
         return sock

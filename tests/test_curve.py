@@ -112,3 +112,20 @@ def test_curve_on_without_keys_is_a_clear_error(write_config, tmp_path):
 
     with pytest.raises(StartupError, match="missing"):
         DigitalTwin("twin", cfg).start()
+
+
+def test_missing_peer_key_is_a_startup_error_not_a_crash(write_config, tmp_path):
+    keys_dir = tmp_path / "only-far"
+    assert meshctl("keys", "generate", "far", "--keys-dir", str(keys_dir)).returncode == 0
+    data = mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]}},
+                     hosts={"local": {"address": "127.0.0.1"}, "far": {"address": "127.0.0.2"}},
+                     groups={"core": {"host": "local", "agents": ["twin"]}, "edge": {"host": "far", "agents": ["a"]}})
+    data["security"] = {"curve": "on", "keys_dir": str(keys_dir)}
+    _, cfg = write_config(data)
+    from agents.echo import EchoAgent
+    from agents.runtime import StartupError
+
+    agent = EchoAgent("a", cfg)
+    with pytest.raises(StartupError, match="no public key for host 'local'"):
+        agent.start()
+    agent.close()
