@@ -54,11 +54,21 @@ class TwoHostMesh:
     def env_for(self, host: str) -> dict:
         return dict(self.env, MESH_DATA_DIR=str(self.tmp / host))
 
-    def start(self, host: str) -> None:
+    def start(self, host: str, *, keys: Path | None = None) -> None:
         out = (self.tmp / f"up-{host}.out").open("ab")
+        env = self.env_for(host)
+        if keys is not None:
+            env["MESH_KEYS_DIR"] = str(keys)
         self.procs[host] = self.lab.spawn(host, [sys.executable, "-m", "agents.cli", "up", "--config",
-                                                 f"config/{host}.yaml"], cwd=ROOT, env=self.env_for(host),
+                                                 f"config/{host}.yaml"], cwd=ROOT, env=env,
                                           stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+
+    def connectivity(self, *args: str) -> tuple[int, dict]:
+        """Runs test_pc2_connectivity.py on MainPC; returns its exit code and JSON report."""
+        r = self.lab.run("mainpc", [sys.executable, "test_pc2_connectivity.py", "--json", "--probes", "20", *args],
+                         cwd=ROOT, env=self.env_for("mainpc"), timeout=120)
+        return r.returncode, json.loads(r.stdout)
 
     def stop(self, host: str) -> None:
         proc = self.procs.pop(host)
@@ -171,3 +181,56 @@ def test_partition_marks_pc2_unreachable_and_heals_without_restarts(mesh, lab):
     assert handled == work, f"PC2 handled {handled:.0f} requests for {work} sent: retries were handled twice"
     print(f"partition: detected after {detected:.1f}s, healed {healed:.1f}s after restore; "
           f"{work} requests all answered once ({retried:.0f} retries answered from the reply cache)")
+
+
+def failures(report: dict) -> list[dict]:
+    return [c for c in report["checks"] if c["status"] == "fail"]
+
+
+def test_connectivity_passes_against_the_lab(mesh):
+    code, report = mesh.connectivity()
+    assert code == 0 and report["ok"], failures(report)
+    rpc = next(c for c in report["checks"] if c["check"] == "rpc" and c["agent"] == "probe-pc2")
+    assert rpc["status"] == "pass" and rpc["data"]["p50_ms"] <= rpc["data"]["p99_ms"]
+    checks = {c["check"] for c in report["checks"] if c["agent"] == "probe-pc2"}
+    assert {"tcp rpc", "curve", "curve: unknown key", "rpc", "clock", "pub/sub pc2->mainpc",
+            "pub/sub mainpc->pc2"} <= checks
+    print(f"rpc mainpc->pc2: p50 {rpc['data']['p50_ms']:.2f} ms, p99 {rpc['data']['p99_ms']:.2f} ms")
+
+
+def test_connectivity_names_a_cut_link(mesh, lab):
+    lab.cut()
+    code, report = mesh.connectivity("--timeout", "1")
+    lab.restore()
+    assert code == 1 and not report["ok"]
+    first = failures(report)[0]
+    assert first["agent"] == "probe-pc2" and first["check"].startswith("tcp")
+    assert "PC2_ADDRESS" in first["cause"] + first["fix"] and lab.hosts["pc2"].address in first["cause"]
+
+
+def test_connectivity_names_a_closed_port(mesh):
+    mesh.stop("pc2")
+    code, report = mesh.connectivity("--timeout", "1")
+    assert code == 1
+    tcp = next(c for c in failures(report) if c["check"] == "tcp rpc")
+    assert "nothing listens" in tcp["cause"] and "meshctl up --config config/pc2.yaml" in tcp["fix"]
+
+
+def test_connectivity_names_a_key_mismatch(lab, tmp_path):
+    m = TwoHostMesh(lab, tmp_path)
+    wrong = tmp_path / "pc2-keys"
+    r = subprocess.run([sys.executable, "-m", "agents.cli", "keys", "generate", "pc2", "--keys-dir", str(wrong)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (wrong / "public" / "mainpc.key").write_bytes((m.keys / "public" / "mainpc.key").read_bytes())
+    m.start("mainpc")
+    m.start("pc2", keys=wrong)  # PC2 runs with a key pair MainPC does not know
+    try:
+        wait_for(lambda: m.agents()["twin"]["state"] == "ready", timeout=30, interval=0.5, what="twin")
+        code, report = m.connectivity("--timeout", "1")
+        assert code == 1
+        curve = next(c for c in failures(report) if c["check"] == "curve")
+        assert "key mismatch" in curve["cause"] and "meshctl keys list" in curve["fix"]
+    finally:
+        for host in list(m.procs):
+            m.stop(host)
