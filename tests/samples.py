@@ -1,5 +1,9 @@
 """One valid instance of every message type, for tests that must cover them all."""
 
+import importlib
+
+from agents.kinds import BUILTIN, module_of
+
 from agents.probe import ProbeCounts, ProbeReport, ProbeWatch
 from network.messages import (
     Ack, HostChanged, HostStatus, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
@@ -32,3 +36,12 @@ SAMPLES = {m.type_name: m for m in [
     ProbeCounts(agent="a", received=3, last_seq=7),
     StateChanged(agent="a", host="h", previous="waiting", state="ready", restarts=0, reason="heartbeat"),
 ]}
+
+
+def shipped() -> set[str]:
+    """Types registered by this repository's modules (a test may have imported a plug-in's too)."""
+    from network.messages import REGISTRY
+
+    for kind in BUILTIN:
+        importlib.import_module(module_of(kind))
+    return {name for name, cls in REGISTRY.items() if cls.__module__.split(".")[0] in ("agents", "network")}
