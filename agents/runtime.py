@@ -121,10 +121,6 @@ class Agent:
 
     # --- services for kinds ------------------------------------------------------------------
 
-    @property
-    def settings_dict(self) -> dict[str, Any]:
-        return self.settings.model_dump()
-
     def publish(self, message: Message, topic: str | None = None) -> None:
         assert self.publisher is not None, "publish() before start()"
         self.publisher.publish(message, topic)

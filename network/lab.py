@@ -162,7 +162,7 @@ class Lab:
         self._wire_ns = f"{PREFIX}-{tag}-wire"
         self._wire_devs = (f"wire{tag[-4:]}a", f"wire{tag[-4:]}b")
         _ip("netns", "add", self._wire_ns)
-        for h, wdev in zip(self.hosts.values(), self._wire_devs):
+        for h, wdev in zip(self.hosts.values(), self._wire_devs, strict=True):
             _ip("link", "add", h.dev, "type", "veth", "peer", "name", wdev)
             _ip("link", "set", wdev, "netns", self._wire_ns)
             _ip("-n", self._wire_ns, "link", "set", wdev, "up")

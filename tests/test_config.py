@@ -148,7 +148,7 @@ def test_extends_merges_and_detects_loops(tmp_path):
 def test_which_host_must_be_said_when_there_are_several():
     c = parse_config(cfg())
     with pytest.raises(ConfigError, match="add `host: NAME`"):
-        c.this_host
+        _ = c.this_host
     assert parse_config(cfg(), host="b").agents_on("b") == ["y"]
 
 

@@ -7,7 +7,6 @@ import re
 import urllib.request
 
 import msgpack
-import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
