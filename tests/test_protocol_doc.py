@@ -103,3 +103,20 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
     exercised = set(seen) | {REGISTRY[r].type_name for r in seen.values() if r in REGISTRY} | {"twin.state", "twin.host"}
     assert exercised >= shipped() - {Ack.type_name, Error.type_name} | {"mesh.error"}
     assert Ack.type_name in seen.values()
+
+
+def test_the_documented_example_client_works(write_config, run_agents, tmp_path):
+    """The pyzmq + msgpack client in PROTOCOL.md, run as written, against a real agent."""
+    import subprocess
+    import sys
+
+    code = DOC.read_text().split("\n## Example client", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+    script = tmp_path / "ping.py"
+    script.write_text(code)
+    _, cfg = write_config(mesh_dict({"echo": {"kind": "echo", "depends_on": ["twin"]}}))
+    run_agents(cfg, "twin", "echo")
+    with client(cfg, "echo") as c:
+        wait_for(lambda: c.request(SAMPLES["mesh.ping"]).state == "ready", what="echo ready")
+    r = subprocess.run([sys.executable, str(script), cfg.endpoint("echo")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("('mesh.pong', 'echo', {'agent': 'echo', 'kind': 'echo', 'state': 'ready'")
