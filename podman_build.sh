@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Podman deployment of the mesh, one container group at a time.
-# Status: only `plan` works today; build/deploy/down/status/logs/kube are tracked in issue 4
-# ("Podman deployment") and say so instead of pretending.
+# Podman deployment of the mesh: one container per container group of a host.
+# The work is done by agents/deploy.py (python -m agents.deploy); this script finds the
+# project's Python and passes the command on. `podman_build.sh COMMAND --help` for each command.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -9,26 +9,33 @@ usage() {
     cat <<USAGE
 usage: podman_build.sh COMMAND [ARGS]
 
-  plan HOST        start-up order of HOST's agents (mainpc | pc2 | local)
-  build [GROUP..]  build images                       (not yet: issue 4)
-  deploy HOST      start HOST's groups in order       (not yet: issue 4)
-  down HOST        stop HOST's groups                 (not yet: issue 4)
-  status HOST      groups, containers, health, ports  (not yet: issue 4)
-  logs [-f] NAME   logs of a group or agent           (not yet: issue 4)
-  kube HOST        Kubernetes YAML for HOST           (not yet: issue 4)
+  base [--tag IMAGE]                 make a Debian base image with debootstrap (hosts with no registry)
+  build [--offline] [--base IMAGE]   build the image (offline: packages from a wheelhouse made here)
+  deploy HOST [--no-gpu]             start HOST's groups (mainpc | pc2 | local) in dependency order,
+                                     each once the twin reports the previous ones ready; safe to repeat
+  down HOST [--volumes]              stop and remove HOST's containers (data volume kept unless --volumes)
+  status HOST                        groups, containers, health, ports
+  logs [-f] GROUP|AGENT...           agents' logs, prefixed by container and agent
+  plan HOST                          start-up order of HOST's agents
 
-Until deploy lands, run a host's agents directly: meshctl up --config config/HOST.yaml
+Environment: MESH_PODMAN_OPTS (global podman options, e.g. "--runtime runc"),
+MESH_PODMAN_RUN_OPTS (added to every podman run, e.g. "--ulimit nofile=1024:1024"),
+MESH_IMAGE (default localhost/agent-mesh:latest), MESH_BASE_IMAGE (build base),
+and the config's own variables (MAINPC_ADDRESS, PC2_ADDRESS, ...), passed into the containers.
 USAGE
 }
 
-meshctl() { if [ -x .venv/bin/meshctl ]; then .venv/bin/meshctl "$@"; else command meshctl "$@"; fi; }
+if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 
 cmd="${1:-}"
 case "$cmd" in
     -h|--help|help|"") usage ;;
-    plan) [ $# -eq 2 ] || { usage >&2; exit 2; }; meshctl plan --config "config/$2.yaml" ;;
-    build|deploy|down|status|logs|kube)
-        echo "podman_build.sh $cmd: not implemented yet (issue 4). Use: meshctl up --config config/HOST.yaml" >&2
+    plan)
+        [ $# -eq 2 ] && [ "$2" != "--help" ] || { echo "usage: podman_build.sh plan HOST" >&2; exit 2; }
+        exec "$py" -m agents.cli plan --config "config/$2.yaml" ;;
+    base|build|deploy|down|status|logs) exec "$py" -m agents.deploy "$@" ;;
+    kube)
+        echo "podman_build.sh kube: not implemented yet (issue 4 is open); deploy with podman_build.sh deploy HOST" >&2
         exit 3 ;;
     *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""Health probe: `python -m agents.health NAME [--config FILE]`.
+"""Health probe: `python -m agents.health NAME... [--config FILE]`.
 
 Asks the agent itself (not the twin) for its state; exits 0 only when it is ready, 1 when it
 answers in any other state, 2 when it does not answer. Usable as a container HEALTHCHECK.
@@ -15,6 +15,13 @@ from agents.control import client
 from network.messages import AgentState, Ping
 from network.rpc import MeshError
 from network.security import MissingKey
+
+
+def probe_all(config_path: str, agents: list[str], *, timeout: float = 2.0,
+              allow_degraded: bool = False) -> tuple[int, str]:
+    """The worst exit code over several agents (a container group's health), and every line."""
+    results = [probe(config_path, a, timeout=timeout, allow_degraded=allow_degraded) for a in agents]
+    return max(code for code, _ in results), "\n".join(text for _, text in results)
 
 
 def probe(config_path: str, agent: str, *, timeout: float = 2.0, allow_degraded: bool = False) -> tuple[int, str]:
@@ -38,12 +45,12 @@ def probe(config_path: str, agent: str, *, timeout: float = 2.0, allow_degraded:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agents.health", description=__doc__.split("\n\n")[0])
-    parser.add_argument("agent")
+    parser.add_argument("agents", nargs="+", metavar="AGENT", help="one or more agents; 0 only when all are ready")
     parser.add_argument("--config", default=os.environ.get("MESH_CONFIG", "config/local.yaml"))
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--allow-degraded", action="store_true", help="exit 0 for a degraded agent too")
     args = parser.parse_args(argv)
-    code, text = probe(args.config, args.agent, timeout=args.timeout, allow_degraded=args.allow_degraded)
+    code, text = probe_all(args.config, args.agents, timeout=args.timeout, allow_degraded=args.allow_degraded)
     print(text, file=sys.stdout if code == 0 else sys.stderr)
     return code
 

@@ -1,0 +1,361 @@
+"""Podman deployment, driven by podman_build.sh: one container per container group.
+
+    python -m agents.deploy build [--offline] [--base IMAGE]
+    python -m agents.deploy deploy HOST [--no-gpu] [--timeout S]
+    python -m agents.deploy down HOST [--volumes]
+    python -m agents.deploy status HOST
+    python -m agents.deploy logs [-f] NAME...
+
+Every group runs the one image with `meshctl up --host HOST --only <its agents>` on the host's
+network, with its data on the named volume `mesh-HOST-data` and the keys directory mounted
+read-only. Groups start in dependency order, each only after the twin reports its agents ready
+(or waiting only on groups not started yet). A container is replaced only when its image, the
+config or its options changed, so running deploy again is safe.
+
+Podman options a host needs come from the environment: MESH_PODMAN_OPTS (global options, e.g.
+`--runtime runc`) and MESH_PODMAN_RUN_OPTS (added to every `podman run`, e.g.
+`--ulimit nofile=1024:1024 --ulimit nproc=1024:1024`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from agents.config import ConfigError, MeshConfig, load_config
+from agents.kinds import check_kinds
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = os.environ.get("MESH_IMAGE", "localhost/agent-mesh:latest")
+DEFAULT_BASE = "docker.io/library/python:3.11-slim"
+CDI_SPECS = ("/etc/cdi/nvidia.yaml", "/etc/cdi/nvidia.json", "/var/run/cdi/nvidia.yaml", "/var/run/cdi/nvidia.json")
+READY = ("ready", "degraded")
+
+
+class DeployError(Exception):
+    """Something the operator has to fix; the message says what."""
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def podman(*args: str, check: bool = True, capture: bool = True, timeout: float | None = 600) -> subprocess.CompletedProcess:
+    if shutil.which("podman") is None:
+        raise DeployError("podman is not installed: apt-get install -y podman")
+    cmd = ["podman", *shlex.split(os.environ.get("MESH_PODMAN_OPTS", "")), *args]
+    r = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise DeployError(f"{' '.join(cmd[:4])}... failed: {(r.stderr or '').strip()[-800:]}")
+    return r
+
+
+# --- build ---------------------------------------------------------------------------------------
+
+def build(*, offline: bool, base: str) -> None:
+    """Builds IMAGE from containers/Containerfile with a wheelhouse made here."""
+    with tempfile.TemporaryDirectory(prefix="mesh-build-") as tmp:
+        ctx = Path(tmp)
+        wheels = ctx / "wheels"
+        pip = [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels)]
+        say(f"wheelhouse: {'the project and every dependency' if offline else 'the project'} -> {wheels}")
+        r = subprocess.run([*pip, *([] if offline else ["--no-deps"]), str(ROOT)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DeployError(f"pip wheel failed: {r.stderr.strip()[-800:]}")
+        shutil.copytree(ROOT / "config", ctx / "config")
+        shutil.copy2(ROOT / "test_pc2_connectivity.py", ctx / "test_pc2_connectivity.py")
+        say(f"building {IMAGE} from {base}")
+        r = podman("build", "--format", "docker", "--file", str(ROOT / "containers" / "Containerfile"),
+                   "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"PIP_OPTS={'--no-index' if offline else ''}",
+                   "--tag", IMAGE, str(ctx), capture=False, check=False, timeout=1800)
+        if r.returncode != 0:
+            hint = "" if offline else " (no package index reachable from the build? try --offline)"
+            raise DeployError(f"podman build failed{hint}")
+    say(f"built {IMAGE}")
+
+
+def base_image(tag: str) -> None:
+    """Makes a Debian base image with Python 3.11 by debootstrap, for hosts that reach no image
+    registry (the Debian mirror is taken from this machine's apt sources)."""
+    if shutil.which("debootstrap") is None:
+        raise DeployError("debootstrap is not installed: apt-get install -y debootstrap")
+    mirror = "http://deb.debian.org/debian"
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        found = re.search(r"^URIs:\s*(\S+)", sources.read_text(), re.M)
+        mirror = found.group(1) if found else mirror
+    with tempfile.TemporaryDirectory(prefix="mesh-rootfs-") as rootfs:
+        say(f"debootstrap bookworm from {mirror} (about a minute)")
+        r = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                            "bookworm", rootfs, mirror], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DeployError(f"debootstrap failed: {r.stderr.strip()[-800:]}")
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        imp = subprocess.run(["podman", *shlex.split(os.environ.get("MESH_PODMAN_OPTS", "")), "import", "-", tag],
+                             stdin=tar.stdout, capture_output=True, text=True)
+        tar.wait()
+        if imp.returncode != 0:
+            raise DeployError(f"podman import failed: {imp.stderr.strip()[-800:]}")
+    say(f"base image {tag} ready: build with `podman_build.sh build --offline --base {tag}`")
+
+
+# --- deploy --------------------------------------------------------------------------------------
+
+def _config(host: str) -> MeshConfig:
+    path = ROOT / "config" / f"{host}.yaml"
+    if not path.exists():
+        known = ", ".join(p.stem for p in sorted((ROOT / "config").glob("*.yaml")))
+        raise DeployError(f"no config/{host}.yaml (hosts with a config: {known})")
+    cfg = load_config(path, host=None)
+    if cfg.host is None and len(cfg.hosts) == 1:
+        cfg = load_config(path, host=next(iter(cfg.hosts)))
+    check_kinds(cfg)
+    return cfg
+
+
+def group_order(cfg: MeshConfig, host: str) -> list[str]:
+    """This host's non-empty groups, by the earliest start level of their agents."""
+    level = {a: i for i, names in enumerate(cfg.start_order()) for a in names}
+    groups = [g for g, grp in cfg.groups.items() if grp.host == host and grp.agents]
+    return sorted(groups, key=lambda g: (min(level[a] for a in cfg.groups[g].agents), g))
+
+
+def container_name(host: str, group: str) -> str:
+    return f"mesh-{host}-{group}"
+
+
+def _config_env(cfg: MeshConfig) -> dict[str, str]:
+    """Environment variables the config files refer to (${VAR}) that are set here."""
+    names: set[str] = set()
+    for path in (ROOT / "config").glob("*.yaml"):
+        names |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", path.read_text()))
+    names -= {"MESH_DATA_DIR", "MESH_KEYS_DIR"}  # fixed inside the image
+    return {n: os.environ[n] for n in sorted(names) if n in os.environ}
+
+
+def _existing(name: str) -> dict | None:
+    r = podman("container", "inspect", name, check=False)
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout)[0]
+
+
+def _gpu_args(cfg: MeshConfig, group: str, no_gpu: bool) -> list[str]:
+    if not cfg.groups[group].gpu or no_gpu:
+        return []
+    if not any(Path(p).exists() for p in CDI_SPECS):
+        raise DeployError(f"group {group} wants the GPU but there is no NVIDIA CDI spec ({CDI_SPECS[0]}): "
+                          "generate it with `sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`, "
+                          "or deploy on the CPU with --no-gpu")
+    return ["--device", "nvidia.com/gpu=all"]
+
+
+def deploy(host: str, *, no_gpu: bool = False, timeout: float = 120.0) -> None:
+    cfg = _config(host)
+    image = podman("image", "inspect", IMAGE, "--format", "{{.Id}}", check=False)
+    if image.returncode != 0:
+        raise DeployError(f"image {IMAGE} not found: run `podman_build.sh build` first")
+    image_id = image.stdout.strip()
+    keys = Path(cfg.security.keys_dir).resolve()
+    env = _config_env(cfg)
+    run_opts = shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))
+    order = group_order(cfg, host)
+    say(f"deploying host {host}: groups {', '.join(order)} (image {image_id[:12]})")
+    started: set[str] = set()
+    for group in order:
+        agents = cfg.groups[group].agents
+        name = container_name(host, group)
+        args = ["--network", "host", "--restart", "always", "--stop-timeout", str(int(cfg.mesh.drain_timeout_s) + 5),
+                "--label", f"mesh.host={host}", "--label", f"mesh.group={group}",
+                "--label", f"mesh.agents={' '.join(agents)}",
+                "--volume", f"mesh-{host}-data:/data:U",
+                "--env", f"MESH_CONFIG=config/{host}.yaml", "--env", f"MESH_AGENTS={' '.join(agents)}",
+                *[f"--env={k}={v}" for k, v in env.items()],
+                *(["--volume", f"{keys}:/keys:ro"] if keys.exists() else []),
+                *_gpu_args(cfg, group, no_gpu), *run_opts]
+        command = ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
+        digest = hashlib.sha256(json.dumps([image_id, cfg.model_dump(mode="json"), args, command]).encode()).hexdigest()[:16]
+        current = _existing(name)
+        if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
+            say(f"  {group}: unchanged, {name} keeps running")
+        else:
+            if current:
+                say(f"  {group}: changed, replacing {name}")
+                podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), name)
+            podman("run", "--detach", "--name", name, "--label", f"mesh.hash={digest}", *args, IMAGE, *command)
+            say(f"  {group}: started {name} ({', '.join(agents)})")
+        started |= set(agents)
+        _wait_group(cfg, group, started, timeout)
+    say(f"host {host} deployed: {len(order)} group(s) up")
+
+
+def _wait_group(cfg: MeshConfig, group: str, started: set[str], timeout: float) -> None:
+    """Until the twin reports the group's agents ready, or waiting only on agents not started yet."""
+    from agents.control import fetch_status
+    from network.rpc import MeshError
+
+    agents = cfg.groups[group].agents
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            status = {a.agent: a for a in fetch_status(cfg, timeout=1.0).agents}
+            pending = [a for a in agents if status[a].state not in READY
+                       and not (status[a].state == "waiting" and set(status[a].waiting_on) - started)]
+            waiting_for = "; ".join(f"{a} {status[a].state}" + (f" on {', '.join(status[a].waiting_on)}"
+                                                                   if status[a].waiting_on else "") for a in pending)
+        except MeshError as exc:
+            pending, waiting_for = agents, f"the twin ({cfg.twin} at {cfg.endpoint(cfg.twin)}) does not answer: {exc.message}"
+        if not pending:
+            say(f"  {group}: ready")
+            return
+        if waiting_for != last:
+            say(f"  {group}: waiting: {waiting_for}")
+            last = waiting_for
+        if time.monotonic() > deadline:
+            raise DeployError(f"group {group} not ready after {timeout:.0f}s: {waiting_for}. "
+                              f"See `podman_build.sh logs {group}`")
+        time.sleep(0.5)
+
+
+# --- down, status, logs --------------------------------------------------------------------------
+
+def _containers(host: str | None = None) -> list[dict]:
+    filters = ["--filter", f"label=mesh.host={host}"] if host else ["--filter", "label=mesh.group"]
+    r = podman("ps", "--all", "--format", "json", *filters)
+    return json.loads(r.stdout or "[]")
+
+
+def down(host: str, *, volumes: bool = False) -> None:
+    cfg = _config(host)
+    names = [container_name(host, g) for g in reversed(group_order(cfg, host))]
+    present = {n for c in _containers(host) for n in c["Names"]}
+    for name in [n for n in names if n in present] + sorted(present - set(names)):
+        say(f"stopping {name}")
+        podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), name)
+    if volumes:
+        podman("volume", "rm", "--force", f"mesh-{host}-data", check=False)
+        say(f"removed volume mesh-{host}-data")
+    say(f"host {host} is down" + ("" if volumes else f" (data kept in volume mesh-{host}-data)"))
+
+
+def status(host: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = _config(host)
+    by_name = {c["Names"][0]: c for c in _containers(host)}
+    table = Table(title=f"host {host}", title_justify="left")
+    for col in ("group", "container", "state", "health", "agents", "ports (rpc)"):
+        table.add_column(col)
+    ok = True
+    for group in group_order(cfg, host):
+        name = container_name(host, group)
+        c = by_name.get(name)
+        state = c["State"] if c else "absent"
+        health = "-"
+        if c:
+            h = podman("inspect", name, "--format", "{{.State.Health.Status}}", check=False).stdout.strip()
+            health = h or "-"
+        ok &= state == "running"
+        agents = cfg.groups[group].agents
+        table.add_row(group, name, state, health, ", ".join(agents), ", ".join(str(cfg.port(a, "rpc")) for a in agents))
+    Console().print(table)
+    return 0 if ok else 1
+
+
+def logs(names: list[str], *, follow: bool, host: str | None = None) -> None:
+    """Agents' logs from inside their containers (meshctl logs), several containers at once."""
+    targets: dict[str, list[str]] = {}
+    containers = _containers(host)
+    for wanted in names:
+        found = False
+        for c in containers:
+            labels = c.get("Labels") or {}
+            agents = labels.get("mesh.agents", "").split()
+            if wanted in (labels.get("mesh.group"), c["Names"][0]) or wanted in agents:
+                chosen = agents if wanted not in agents else [wanted]
+                targets.setdefault(c["Names"][0], [])
+                targets[c["Names"][0]] += [a for a in chosen if a not in targets[c["Names"][0]]]
+                found = True
+        if not found:
+            raise DeployError(f"no deployed group, container or agent named {wanted!r}")
+    procs = []
+    for name, agents in targets.items():
+        cmd = ["podman", *shlex.split(os.environ.get("MESH_PODMAN_OPTS", "")), "exec", name, "meshctl", "logs",
+               *agents, "--config", _env_of(name, "MESH_CONFIG"), *(["--follow"] if follow else [])]
+        procs.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+
+    def pump(name: str, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            print(f"{name} | {line}", end="", flush=True)
+
+    threads = [threading.Thread(target=pump, args=p, daemon=True) for p in procs]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        for _, proc in procs:
+            proc.terminate()
+
+
+def _env_of(container: str, var: str) -> str:
+    env = json.loads(podman("inspect", container, "--format", "json").stdout)[0]["Config"]["Env"]
+    return next((e.split("=", 1)[1] for e in env if e.startswith(f"{var}=")), "config/local.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="podman_build.sh")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    bi = sub.add_parser("base", help="make a local Debian base image with debootstrap (no registry needed)")
+    bi.add_argument("--tag", default="localhost/mesh-base:bookworm")
+    b = sub.add_parser("build", help="build the image")
+    b.add_argument("--offline", action="store_true", help="install every package from a wheelhouse made here")
+    b.add_argument("--base", default=os.environ.get("MESH_BASE_IMAGE", DEFAULT_BASE), help="base image")
+    d = sub.add_parser("deploy", help="start HOST's groups in dependency order")
+    d.add_argument("host")
+    d.add_argument("--no-gpu", action="store_true", help="run GPU groups on the CPU")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each group")
+    dn = sub.add_parser("down", help="stop and remove HOST's containers")
+    dn.add_argument("host")
+    dn.add_argument("--volumes", action="store_true", help="remove the data volume too")
+    s = sub.add_parser("status", help="groups, containers, health, ports")
+    s.add_argument("host")
+    lg = sub.add_parser("logs", help="agents' logs, prefixed by container")
+    lg.add_argument("names", nargs="+", metavar="GROUP|AGENT")
+    lg.add_argument("-f", "--follow", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "base":
+            base_image(args.tag)
+        elif args.cmd == "build":
+            build(offline=args.offline, base=args.base)
+        elif args.cmd == "deploy":
+            deploy(args.host, no_gpu=args.no_gpu, timeout=args.timeout)
+        elif args.cmd == "down":
+            down(args.host, volumes=args.volumes)
+        elif args.cmd == "status":
+            return status(args.host)
+        elif args.cmd == "logs":
+            logs(args.names, follow=args.follow)
+    except (DeployError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

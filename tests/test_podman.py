@@ -1,0 +1,110 @@
+"""podman_build.sh with real Podman: base image, offline build, deploy local, status, logs,
+a redeploy that changes nothing, a killed container coming back, and down leaving nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from agents.config import load_config
+from agents.control import fetch_status
+from tests.conftest import ROOT, free_port_block, wait_for
+
+pytestmark = pytest.mark.slow
+
+BASE = "localhost/mesh-base:bookworm"
+IMAGE = "localhost/agent-mesh:test"
+
+
+def podman_available() -> tuple[bool, str]:
+    if shutil.which("podman") is None:
+        return False, "podman is not installed (apt-get install -y podman runc)"
+    if os.geteuid() != 0:
+        return False, "the Podman tests run rootful podman (root needed)"
+    return True, ""
+
+
+@pytest.fixture(scope="module")
+def env():
+    ok, why = podman_available()
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Podman tests: {why}")
+        pytest.skip(why)
+    offset = free_port_block(10) - 7100
+    e = dict(os.environ, MESH_IMAGE=IMAGE, MESH_PORT_OFFSET=str(offset), COLUMNS="200")
+    e.setdefault("MESH_PODMAN_OPTS", "")
+    return e
+
+
+def script(env, *args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "podman_build.sh"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def podman(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", *shlex.split(env["MESH_PODMAN_OPTS"]), *args], capture_output=True, text=True)
+
+
+def local_config(env):
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return load_config(ROOT / "config" / "local.yaml")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_build_deploy_status_logs_redeploy_restart_down(env):
+    if podman(env, "image", "exists", BASE).returncode != 0:
+        r = script(env, "base", "--tag", BASE)
+        assert r.returncode == 0, r.stdout + r.stderr
+    r = script(env, "build", "--offline", "--base", BASE)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    cfg = local_config(env)
+    try:
+        r = script(env, "deploy", "local", "--timeout", "90")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "core: ready" in r.stdout and "tools: ready" in r.stdout
+        assert r.stdout.index("mesh-local-core") < r.stdout.index("mesh-local-tools")  # dependency order
+        assert fetch_status(cfg).mesh_state == "ready"
+
+        st = script(env, "status", "local")
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert "mesh-local-core" in st.stdout and "running" in st.stdout
+
+        inspect = json.loads(podman(env, "inspect", "mesh-local-core").stdout)[0]
+        assert inspect["Config"]["User"] == "mesh"
+        ids = {n: podman(env, "inspect", n, "--format", "{{.Id}}").stdout for n in ("mesh-local-core", "mesh-local-tools")}
+
+        logs = script(env, "logs", "core", "echo", timeout=60)
+        assert logs.returncode == 0, logs.stderr
+        lines = logs.stdout.splitlines()
+        assert any(line.startswith("mesh-local-core | twin") for line in lines), logs.stdout
+        assert any(line.startswith("mesh-local-tools | echo") for line in lines), logs.stdout
+
+        again = script(env, "deploy", "local")
+        assert again.returncode == 0 and again.stdout.count("unchanged") == 2, again.stdout
+        assert ids == {n: podman(env, "inspect", n, "--format", "{{.Id}}").stdout for n in ids}
+
+        assert podman(env, "healthcheck", "run", "mesh-local-core").returncode == 0
+
+        pid = int(podman(env, "inspect", "mesh-local-tools", "--format", "{{.State.Pid}}").stdout)
+        os.kill(pid, signal.SIGKILL)  # the group's process dies: Podman's restart policy brings it back
+        wait_for(lambda: int(podman(env, "inspect", "mesh-local-tools", "--format", "{{.State.Pid}}").stdout or 0)
+                 not in (0, pid), timeout=30, what="container restarted")
+        wait_for(lambda: fetch_status(cfg, timeout=1).mesh_state == "ready", timeout=60, what="mesh ready again")
+        assert podman(env, "inspect", "mesh-local-tools", "--format", "{{.RestartCount}}").stdout.strip() != "0"
+    finally:
+        down = script(env, "down", "local", "--volumes")
+    assert down.returncode == 0, down.stdout + down.stderr
+    left = podman(env, "ps", "--all", "--filter", "label=mesh.host=local", "--format", "{{.Names}}").stdout.split()
+    assert left == []
+    assert podman(env, "volume", "exists", "mesh-local-data").returncode != 0
