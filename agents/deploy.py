@@ -135,7 +135,7 @@ def container_name(host: str, group: str) -> str:
     return f"mesh-{host}-{group}"
 
 
-def _config_env(cfg: MeshConfig) -> dict[str, str]:
+def _config_env() -> dict[str, str]:
     """Environment variables the config files refer to (${VAR}) that are set here."""
     names: set[str] = set()
     for path in (ROOT / "config").glob("*.yaml"):
@@ -168,7 +168,7 @@ def deploy(host: str, *, no_gpu: bool = False, timeout: float = 120.0) -> None:
         raise DeployError(f"image {IMAGE} not found: run `podman_build.sh build` first")
     image_id = image.stdout.strip()
     keys = Path(cfg.security.keys_dir).resolve()
-    env = _config_env(cfg)
+    env = _config_env()
     run_opts = shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))
     order = group_order(cfg, host)
     say(f"deploying host {host}: groups {', '.join(order)} (image {image_id[:12]})")
