@@ -16,6 +16,7 @@ usage: podman_build.sh COMMAND [ARGS]
   down HOST [--volumes]              stop and remove HOST's containers (data volume kept unless --volumes)
   status HOST                        groups, containers, health, ports
   logs [-f] GROUP|AGENT...           agents' logs, prefixed by container and agent
+  kube HOST [--no-gpu]               Kubernetes YAML for HOST's groups, for podman kube play
   plan HOST                          start-up order of HOST's agents
 
 Environment: MESH_PODMAN_OPTS (global podman options, e.g. "--runtime runc"),
@@ -33,9 +34,6 @@ case "$cmd" in
     plan)
         [ $# -eq 2 ] && [ "$2" != "--help" ] || { echo "usage: podman_build.sh plan HOST" >&2; exit 2; }
         exec "$py" -m agents.cli plan --config "config/$2.yaml" ;;
-    base|build|deploy|down|status|logs) exec "$py" -m agents.deploy "$@" ;;
-    kube)
-        echo "podman_build.sh kube: not implemented yet (issue 4 is open); deploy with podman_build.sh deploy HOST" >&2
-        exit 3 ;;
+    base|build|deploy|down|status|logs|kube) exec "$py" -m agents.deploy "$@" ;;
     *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from agents.config import ConfigError, MeshConfig, load_config
@@ -161,43 +162,100 @@ def _gpu_args(cfg: MeshConfig, group: str, no_gpu: bool) -> list[str]:
     return ["--device", "nvidia.com/gpu=all"]
 
 
+@dataclass
+class GroupSpec:
+    """What one group's container is: the same for `podman run` (deploy) and a Pod (kube)."""
+
+    host: str
+    group: str
+    agents: list[str]
+    env: dict[str, str]
+    command: list[str]
+    keys: Path | None
+    gpu: bool
+
+    @property
+    def name(self) -> str:
+        return container_name(self.host, self.group)
+
+    @property
+    def volume(self) -> str:
+        return f"mesh-{self.host}-data"
+
+
+def group_specs(cfg: MeshConfig, host: str, *, no_gpu: bool) -> list[GroupSpec]:
+    keys = Path(cfg.security.keys_dir).resolve()
+    specs = []
+    for group in group_order(cfg, host):
+        agents = cfg.groups[group].agents
+        env = {"MESH_CONFIG": f"config/{host}.yaml", "MESH_AGENTS": " ".join(agents), **_config_env()}
+        command = ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
+        specs.append(GroupSpec(host=host, group=group, agents=agents, env=env, command=command,
+                               keys=keys if keys.exists() else None, gpu=bool(_gpu_args(cfg, group, no_gpu))))
+    return specs
+
+
 def deploy(host: str, *, no_gpu: bool = False, timeout: float = 120.0) -> None:
     cfg = _config(host)
     image = podman("image", "inspect", IMAGE, "--format", "{{.Id}}", check=False)
     if image.returncode != 0:
         raise DeployError(f"image {IMAGE} not found: run `podman_build.sh build` first")
     image_id = image.stdout.strip()
-    keys = Path(cfg.security.keys_dir).resolve()
-    env = _config_env()
     run_opts = shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))
-    order = group_order(cfg, host)
-    say(f"deploying host {host}: groups {', '.join(order)} (image {image_id[:12]})")
+    specs = group_specs(cfg, host, no_gpu=no_gpu)
+    say(f"deploying host {host}: groups {', '.join(s.group for s in specs)} (image {image_id[:12]})")
     started: set[str] = set()
-    for group in order:
-        agents = cfg.groups[group].agents
-        name = container_name(host, group)
+    for spec in specs:
         args = ["--network", "host", "--restart", "always", "--stop-timeout", str(int(cfg.mesh.drain_timeout_s) + 5),
-                "--label", f"mesh.host={host}", "--label", f"mesh.group={group}",
-                "--label", f"mesh.agents={' '.join(agents)}",
-                "--volume", f"mesh-{host}-data:/data:U",
-                "--env", f"MESH_CONFIG=config/{host}.yaml", "--env", f"MESH_AGENTS={' '.join(agents)}",
-                *[f"--env={k}={v}" for k, v in env.items()],
-                *(["--volume", f"{keys}:/keys:ro"] if keys.exists() else []),
-                *_gpu_args(cfg, group, no_gpu), *run_opts]
-        command = ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
-        digest = hashlib.sha256(json.dumps([image_id, cfg.model_dump(mode="json"), args, command]).encode()).hexdigest()[:16]
-        current = _existing(name)
+                "--label", f"mesh.host={host}", "--label", f"mesh.group={spec.group}",
+                "--label", f"mesh.agents={' '.join(spec.agents)}", "--volume", f"{spec.volume}:/data:U",
+                *[f"--env={k}={v}" for k, v in spec.env.items()],
+                *(["--volume", f"{spec.keys}:/keys:ro"] if spec.keys else []),
+                *(["--device", "nvidia.com/gpu=all"] if spec.gpu else []), *run_opts]
+        digest = hashlib.sha256(json.dumps([image_id, cfg.model_dump(mode="json"), args, spec.command]).encode()
+                                ).hexdigest()[:16]
+        current = _existing(spec.name)
         if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
-            say(f"  {group}: unchanged, {name} keeps running")
+            say(f"  {spec.group}: unchanged, {spec.name} keeps running")
         else:
             if current:
-                say(f"  {group}: changed, replacing {name}")
-                podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), name)
-            podman("run", "--detach", "--name", name, "--label", f"mesh.hash={digest}", *args, IMAGE, *command)
-            say(f"  {group}: started {name} ({', '.join(agents)})")
-        started |= set(agents)
-        _wait_group(cfg, group, started, timeout)
-    say(f"host {host} deployed: {len(order)} group(s) up")
+                say(f"  {spec.group}: changed, replacing {spec.name}")
+                podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), spec.name)
+            podman("run", "--detach", "--name", spec.name, "--label", f"mesh.hash={digest}", *args, IMAGE, *spec.command)
+            say(f"  {spec.group}: started {spec.name} ({', '.join(spec.agents)})")
+        started |= set(spec.agents)
+        _wait_group(cfg, spec.group, started, timeout)
+    say(f"host {host} deployed: {len(specs)} group(s) up")
+
+
+def kube(host: str, *, no_gpu: bool = False) -> str:
+    """Kubernetes YAML (one Pod per group, host network, the data volume as a claim) that
+    `podman kube play` deploys, and a cluster can take later."""
+    import yaml
+
+    cfg = _config(host)
+    docs = []
+    for spec in group_specs(cfg, host, no_gpu=no_gpu):
+        container = {
+            "name": spec.group, "image": IMAGE, "args": spec.command,
+            "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
+        }
+        volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": spec.volume}}]
+        if spec.keys:
+            container["volumeMounts"].append({"name": "keys", "mountPath": "/keys", "readOnly": True})
+            volumes.append({"name": "keys", "hostPath": {"path": str(spec.keys), "type": "Directory"}})
+        if spec.gpu:
+            container["resources"] = {"limits": {"nvidia.com/gpu": 1}}
+        docs.append({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": spec.name, "labels": {"app": "agent-mesh", "mesh-host": host, "mesh-group": spec.group}},
+            "spec": {"hostNetwork": True, "restartPolicy": "Always", "containers": [container], "volumes": volumes},
+        })
+    header = (f"# Kubernetes YAML for host {host}, made by `podman_build.sh kube {host}`.\n"
+              f"# Deploy: podman kube play FILE; remove: podman kube down FILE.\n")
+    return header + yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def _wait_group(cfg: MeshConfig, group: str, started: set[str], timeout: float) -> None:
@@ -332,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     dn = sub.add_parser("down", help="stop and remove HOST's containers")
     dn.add_argument("host")
     dn.add_argument("--volumes", action="store_true", help="remove the data volume too")
+    k = sub.add_parser("kube", help="Kubernetes YAML for HOST's groups (podman kube play FILE)")
+    k.add_argument("host")
+    k.add_argument("--no-gpu", action="store_true", help="leave out GPU requests")
     s = sub.add_parser("status", help="groups, containers, health, ports")
     s.add_argument("host")
     lg = sub.add_parser("logs", help="agents' logs, prefixed by container")
@@ -347,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             deploy(args.host, no_gpu=args.no_gpu, timeout=args.timeout)
         elif args.cmd == "down":
             down(args.host, volumes=args.volumes)
+        elif args.cmd == "kube":
+            print(kube(args.host, no_gpu=args.no_gpu), end="")
         elif args.cmd == "status":
             return status(args.host)
         elif args.cmd == "logs":

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -108,3 +109,69 @@ def test_build_deploy_status_logs_redeploy_restart_down(env):
     left = podman(env, "ps", "--all", "--filter", "label=mesh.host=local", "--format", "{{.Names}}").stdout.split()
     assert left == []
     assert podman(env, "volume", "exists", "mesh-local-data").returncode != 0
+
+
+def test_kube_yaml_is_played_by_podman(env, tmp_path):
+    if podman(env, "image", "exists", IMAGE).returncode != 0:
+        pytest.skip("runs after the build test (image missing)")
+    r = script(env, "kube", "local")
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "local.yaml"
+    path.write_text(r.stdout)
+    cfg = local_config(env)
+    try:
+        play = podman(env, "kube", "play", str(path))
+        assert play.returncode == 0, play.stderr
+        wait_for(lambda: fetch_status(cfg, timeout=1).mesh_state == "ready", timeout=60, what="agents ready under kube play")
+        placed = {a.agent: a.pid for a in fetch_status(cfg).agents}
+        assert set(placed) == {"twin", "echo"}
+    finally:
+        down = podman(env, "kube", "down", str(path))
+        podman(env, "volume", "rm", "--force", "mesh-local-data")
+    assert down.returncode == 0, down.stderr
+    assert podman(env, "pod", "ps", "--filter", "label=app=agent-mesh", "--format", "{{.Name}}").stdout.split() == []
+
+
+def test_mainpc_and_pc2_in_podman_on_two_lab_hosts(env, tmp_path):
+    """Each host's groups deployed with podman_build.sh inside its lab namespace, CURVE on, then the
+    connectivity check from MainPC."""
+    from network.lab import Lab, available
+
+    ok, why = available()
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the lab tests: {why}")
+        pytest.skip(why)
+    if podman(env, "image", "exists", IMAGE).returncode != 0:
+        pytest.skip("runs after the build test (image missing)")
+    keys = tmp_path / "keys"
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "meshctl") if (ROOT / ".venv").exists() else "meshctl",
+                        "keys", "generate", "mainpc", "pc2", "--keys-dir", str(keys)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    keys.chmod(0o755)
+    for f in (keys / "private").iterdir():
+        f.chmod(0o644)  # read by the containers' non-root user through the read-only mount
+    (keys / "private").chmod(0o755)
+    with Lab(("mainpc", "pc2")) as lab:
+        a, b = lab.hosts["mainpc"].address, lab.hosts["pc2"].address
+        e = dict(env, MAINPC_ADDRESS=a, PC2_ADDRESS=b, MAINPC_BIND=a, PC2_BIND=b, MESH_KEYS_DIR=str(keys))
+        e.pop("MESH_PORT_OFFSET", None)
+        run = lambda host, *args, timeout=300: lab.run(host, [str(ROOT / "podman_build.sh"), *args],  # noqa: E731
+                                                        cwd=ROOT, env=e, timeout=timeout)
+        try:
+            # MainPC first: PC2's groups wait, through deploy, until the twin on MainPC says they are ready
+            d_main = run("mainpc", "deploy", "mainpc", "--no-gpu", "--timeout", "90")
+            assert d_main.returncode == 0, d_main.stdout + d_main.stderr
+            d_pc2 = run("pc2", "deploy", "pc2", "--timeout", "90")
+            assert d_pc2.returncode == 0, d_pc2.stdout + d_pc2.stderr
+            check = lab.run("mainpc", [sys.executable, "test_pc2_connectivity.py", "--json", "--probes", "20"],
+                            cwd=ROOT, env=e, timeout=120)
+            report = json.loads(check.stdout)
+            assert check.returncode == 0 and report["ok"], [c for c in report["checks"] if c["status"] == "fail"]
+            assert any(c["check"] == "curve" and c["status"] == "pass" for c in report["checks"])
+            print(d_main.stdout, d_pc2.stdout, f"connectivity: {len(report['checks'])} checks passed", sep="\n")
+        finally:
+            for host in ("pc2", "mainpc"):
+                run(host, "down", host, "--volumes")
+    left = podman(env, "ps", "--all", "--filter", "label=mesh.group", "--format", "{{.Names}}").stdout.split()
+    assert not [n for n in left if n.startswith(("mesh-mainpc-", "mesh-pc2-"))]
