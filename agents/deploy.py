@@ -132,6 +132,13 @@ def group_order(cfg: MeshConfig, host: str) -> list[str]:
     return sorted(groups, key=lambda g: (min(level[a] for a in cfg.groups[g].agents), g))
 
 
+def _groups_in(path: Path) -> set[str]:
+    try:
+        return set(load_config(path, host=None).groups)
+    except ConfigError:
+        return set()
+
+
 def container_name(host: str, group: str) -> str:
     return f"mesh-{host}-{group}"
 
@@ -381,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     bi = sub.add_parser("base", help="make a local Debian base image with debootstrap (no registry needed)")
     bi.add_argument("--tag", default="localhost/mesh-base:bookworm")
     b = sub.add_parser("build", help="build the image")
+    b.add_argument("groups", nargs="*", metavar="GROUP",
+                   help="groups to build for; one image serves every group, so this only checks the names")
     b.add_argument("--offline", action="store_true", help="install every package from a wheelhouse made here")
     b.add_argument("--base", default=os.environ.get("MESH_BASE_IMAGE", DEFAULT_BASE), help="base image")
     d = sub.add_parser("deploy", help="start HOST's groups in dependency order")
@@ -403,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "base":
             base_image(args.tag)
         elif args.cmd == "build":
+            known = {g for path in (ROOT / "config").glob("*.yaml") for g in _groups_in(path)}
+            unknown = sorted(set(args.groups) - known)
+            if unknown:
+                raise DeployError(f"unknown group(s) {', '.join(unknown)}; groups in config/: {', '.join(sorted(known))}")
             build(offline=args.offline, base=args.base)
         elif args.cmd == "deploy":
             deploy(args.host, no_gpu=args.no_gpu, timeout=args.timeout)
