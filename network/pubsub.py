@@ -15,27 +15,23 @@ import zmq
 from network.codec import DEFAULT_MAX_FRAME_BYTES, Envelope, ProtocolError, decode, encode
 from network.messages import ErrorCode, Message
 from network.metrics import MeshMetrics
-from network.rpc import _hard_limit
-from network.security import Guard, RefusalMonitor
+from network.rpc import BoundSocket, _hard_limit
+from network.security import Guard
 
 log = logging.getLogger(__name__)
 
 _SNDMORE = int(zmq.SNDMORE)  # a plain int: pyzmq's send_multipart spends ~1 us a message on checks and enum flags
 
 
-class Publisher:
+class Publisher(BoundSocket):
+    what = "subscriber"
+
     def __init__(self, ctx: zmq.Context, bind: str, *, sender: str, metrics: MeshMetrics, guard: Guard | None = None,
                  sndhwm: int = 100_000):
         self.sender = sender
-        self.metrics = metrics
-        self.socket = ctx.socket(zmq.PUB)
-        self.socket.linger = 0
+        self._bind(ctx, zmq.PUB, guard, metrics)
         self.socket.sndhwm = sndhwm
-        guard = guard or Guard(ctx, None)
-        guard.server(self.socket)
-        self.monitor = RefusalMonitor(self.socket, self._refused) if guard.enabled else None
-        self.socket.bind(bind)
-        self.endpoint = self.socket.last_endpoint.decode()
+        self._listen(bind)
 
     def attach(self, reactor) -> None:
         if self.monitor is not None:
@@ -47,17 +43,6 @@ class Publisher:
         send((topic or message.type_name).encode(), _SNDMORE)
         send(frame)
         self.metrics.message(message.type_name, "out")
-
-    def _refused(self, reason: str, endpoint: str) -> None:
-        log.warning("refused a subscriber on %s: CURVE %s failure (wrong or missing client key?)", endpoint, reason)
-        self.metrics.auth_refused(reason)
-
-    def close(self) -> None:
-        if self.monitor is not None:
-            self.socket.disable_monitor()
-            self.monitor.close()
-        self.socket.close(linger=0)
-
 
 class Subscriber:
     def __init__(self, ctx: zmq.Context, on_message: Callable[[str, Envelope], None], *, metrics: MeshMetrics,

@@ -44,6 +44,49 @@ def _send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
 Handler = Callable[[Message, Envelope], Message]
 
 
+def client_socket(ctx: zmq.Context, kind: int, endpoint: str, *, guard: Guard, server_host: str | None,
+                  max_frame_bytes: int) -> zmq.Socket:
+    """A connected client socket with CURVE set for `server_host` (closed again if the key is missing)."""
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    sock.maxmsgsize = _hard_limit(max_frame_bytes)
+    try:
+        guard.client(sock, server_host or "")
+    except Exception:
+        sock.close(linger=0)
+        raise
+    sock.connect(endpoint)
+    return sock
+
+
+class BoundSocket:
+    """A server socket (ROUTER or PUB): CURVE server when the guard has keys, refusals logged and counted."""
+
+    what = "connection"
+
+    def _bind(self, ctx: zmq.Context, kind: int, guard: Guard | None, metrics: MeshMetrics) -> None:
+        self.metrics = metrics
+        self.socket = ctx.socket(kind)
+        self.socket.linger = 0
+        guard = guard or Guard(ctx, None)
+        guard.server(self.socket)
+        self.monitor = RefusalMonitor(self.socket, self._refused) if guard.enabled else None
+
+    def _listen(self, bind: str) -> None:
+        self.socket.bind(bind)
+        self.endpoint = self.socket.last_endpoint.decode()
+
+    def _refused(self, reason: str, endpoint: str) -> None:
+        log.warning("refused a %s on %s: CURVE %s failure (wrong or missing client key?)", self.what, endpoint, reason)
+        self.metrics.auth_refused(reason)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close()
+        self.socket.close(linger=0)
+
+
 class MeshError(Exception):
     """A request that was not handled. Raised by handlers to reply with a typed error, and by
     clients when the reply is a `mesh.error`."""
@@ -66,26 +109,20 @@ def _hard_limit(max_frame_bytes: int) -> int:
     return max(4 * max_frame_bytes, 1 << 20)
 
 
-class RpcServer:
+class RpcServer(BoundSocket):
     def __init__(self, ctx: zmq.Context, bind: str, *, sender: str, metrics: MeshMetrics, guard: Guard | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, reply_cache: int = 4096):
         self.sender = sender
-        self.metrics = metrics
         self.max_frame_bytes = max_frame_bytes
         self.handlers: dict[str, Handler] = {}
         self.draining = False
         self._replies: OrderedDict[bytes, bytes] = OrderedDict()
         self._reply_cache = reply_cache
-        self.socket = ctx.socket(zmq.ROUTER)
-        self.socket.linger = 0
+        self._bind(ctx, zmq.ROUTER, guard, metrics)
         self.socket.maxmsgsize = _hard_limit(max_frame_bytes)
         self.socket.rcvhwm = 10_000
         self.socket.sndhwm = 10_000
-        guard = guard or Guard(ctx, None)
-        guard.server(self.socket)
-        self.monitor = RefusalMonitor(self.socket, self._refused) if guard.enabled else None
-        self.socket.bind(bind)
-        self.endpoint = self.socket.last_endpoint.decode()
+        self._listen(bind)
 
     def route(self, message_type: type[Message], handler: Handler) -> None:
         self.handlers[message_type.type_name] = handler
@@ -165,17 +202,6 @@ class RpcServer:
         except zmq.ZMQError:
             pass  # the peer is gone; nothing to answer
 
-    def _refused(self, reason: str, endpoint: str) -> None:
-        log.warning("refused a connection on %s: CURVE %s failure (wrong or missing client key?)", endpoint, reason)
-        self.metrics.auth_refused(reason)
-
-    def close(self) -> None:
-        if self.monitor is not None:
-            self.socket.disable_monitor()
-            self.monitor.close()
-        self.socket.close(linger=0)
-
-
 def _raise_if_error(env: Envelope) -> Message:
     msg = env.message
     if isinstance(msg, Error):
@@ -205,18 +231,14 @@ class RpcClient:
         self.socket = self._open()
 
     def _open(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.REQ)
-        sock.linger = 0
-        sock.maxmsgsize = _hard_limit(self.max_frame_bytes)
         try:
-            self.guard.client(sock, self.server_host or "")
+            sock = client_socket(self.ctx, zmq.REQ, self.endpoint, guard=self.guard, server_host=self.server_host,
+                                 max_frame_bytes=self.max_frame_bytes)
         except Exception:
-            sock.close(linger=0)
             if self._own_ctx:
                 self.guard.close()
                 self.ctx.term()
             raise
-        sock.connect(self.endpoint)
         self._poller = zmq.Poller()  # Socket.poll() would build a new Poller on every request
         self._poller.register(sock, zmq.POLLIN)
         return sock
@@ -302,15 +324,8 @@ class Peer:
         self.socket = self._open()
 
     def _open(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.maxmsgsize = _hard_limit(self.max_frame_bytes)
-        try:
-            self.guard.client(sock, self.server_host or "")
-        except Exception:
-            sock.close(linger=0)
-            raise
-        sock.connect(self.endpoint)
+        sock = client_socket(self.ctx, zmq.DEALER, self.endpoint, guard=self.guard, server_host=self.server_host,
+                             max_frame_bytes=self.max_frame_bytes)
         self.reactor.add_socket(sock, self._on_readable)
         return sock
 
