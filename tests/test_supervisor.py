@@ -107,8 +107,8 @@ def test_status_plan_and_logs_commands(write_config, mesh_up):
     wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=20, what="mesh ready")
     table = meshctl("status", "--config", str(path))
     assert table.returncode == 0, table.stderr
-    for word in ("mesh test: ready", "twin", "a", "b", "ready"):
-        assert word in table.stdout
+    for word in ("mesh test: ready", "twin", "a", "b", "ready", "hosts: local (127.0.0.1) local 3/3 ready"):
+        assert word in table.stdout, word
     js = json.loads(meshctl("status", "--config", str(path), "--json").stdout)
     assert [a["agent"] for a in js["agents"]] == ["twin", "a", "b"]
     plan = meshctl("plan", "--config", str(path)).stdout
