@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -321,21 +322,21 @@ def _assign_ports(cfg: MeshConfig, problems: list[tuple[str, str, str]]) -> None
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(value: Any, file: str, path: str, problems: list) -> Any:
+def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list) -> Any:
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
             var, default = m.group(1), m.group(2)
-            if os.environ.get(var) or (var in os.environ and default is None):
-                return os.environ[var]
+            if env.get(var) or (var in env and default is None):
+                return env[var]
             if default is not None:
                 return default
             problems.append((path, f"environment variable {var} is not set", f"export {var}=... or write ${{{var}:-default}}"))
             return ""
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, file, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, file, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return [_interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     return value
 
 
@@ -391,9 +392,11 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str, str]]:
     return problems
 
 
-def parse_config(data: dict, source: str = "<memory>", *, host: str | None = None) -> MeshConfig:
+def parse_config(data: dict, source: str = "<memory>", *, host: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> MeshConfig:
+    """`environ` (default: this process's environment) fills the `${VAR}`s."""
     problems: list = []
-    data = _interpolate(data, source, "", problems)
+    data = _interpolate(data, os.environ if environ is None else environ, "", problems)
     if problems:
         raise ConfigError(source, problems)
     if host is not None:
@@ -406,6 +409,6 @@ def parse_config(data: dict, source: str = "<memory>", *, host: str | None = Non
     return cfg.finish()
 
 
-def load_config(path: str | Path, *, host: str | None = None) -> MeshConfig:
+def load_config(path: str | Path, *, host: str | None = None, environ: Mapping[str, str] | None = None) -> MeshConfig:
     path = Path(path)
-    return parse_config(_read_yaml(path.resolve()), str(path), host=host)
+    return parse_config(_read_yaml(path.resolve()), str(path), host=host, environ=environ)

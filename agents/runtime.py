@@ -31,7 +31,7 @@ from network.messages import (
 )
 from network.metrics import MeshMetrics
 from network.pubsub import Publisher, Subscriber
-from network.reactor import Reactor
+from network.reactor import Reactor, Timer
 from network.rpc import MeshError, Peer, RpcServer
 from network.security import Guard, MissingKey, load_identity
 
@@ -104,6 +104,7 @@ class Agent:
         self._registered = False
         self._twin_inflight = False
         self._twin_next = 0.0
+        self._twin_timer: Timer | None = None
         self._twin_reachable = True
         self.waiting_on: list[str] = []
         self.failure: str | None = None
@@ -152,7 +153,7 @@ class Agent:
         self.log.info("state %s -> %s%s", self.state, state, f" ({detail})" if detail else "")
         self.state, self.detail = AgentState(state), detail
         self.metrics.state.state(self.state)
-        self._twin_next = 0.0  # tell the twin now, not at the next heartbeat
+        self._twin_soon()  # tell the twin now, not at the next heartbeat
 
     def request_stop(self) -> None:
         """Asks the agent to drain and stop; safe from signal handlers and other threads."""
@@ -214,7 +215,7 @@ class Agent:
                     self.subscribe(twin, StateChanged.type_name, self._on_twin_state)
             except MissingKey as exc:
                 raise StartupError(str(exc)) from None
-            self.reactor.every(0.05, self._twin_tick, first=0)
+            self._twin_soon()
         self.setup()
         self.log.info("started: rpc %s, pub %s, metrics :%d, curve %s", self.server.endpoint, self.publisher.endpoint,
                       self.config.port(self.name, "metrics"), "on" if self.guard.enabled else "off")
@@ -255,9 +256,26 @@ class Agent:
 
     # --- twin link ---------------------------------------------------------------------------
 
+    def _twin_soon(self) -> None:
+        self._twin_next = 0.0
+        self._schedule_twin()
+
+    def _schedule_twin(self) -> None:
+        """Arms one timer for the next twin request (none while one is in flight: its reply or
+        failure arms the next), instead of polling."""
+        if self.twin is None or self._twin_inflight:
+            return
+        if self._twin_timer is not None:
+            self._twin_timer.cancel()
+        self._twin_timer = self.reactor.call_later(max(0.0, self._twin_next - time.monotonic()), self._twin_tick)
+
     def _twin_tick(self) -> None:
+        self._twin_timer = None
         now = time.monotonic()
-        if self._twin_inflight or now < self._twin_next or self.state in (AgentState.DRAINING, AgentState.STOPPED):
+        if self._twin_inflight or self.state in (AgentState.DRAINING, AgentState.STOPPED):
+            return
+        if now < self._twin_next:
+            self._schedule_twin()
             return
         interval = self.config.mesh.heartbeat_interval_s
         if not self._registered:
@@ -280,6 +298,7 @@ class Agent:
                 self.log.info("twin is reachable again")
                 self._twin_reachable = True
             on_reply(reply)
+            self._schedule_twin()
 
         def failed(exc: MeshError) -> None:
             self._twin_inflight = False
@@ -288,6 +307,7 @@ class Agent:
             elif self._twin_reachable:
                 self.log.warning("twin unreachable at %s (%s); still serving, retrying", self.twin.endpoint, exc.message)
                 self._twin_reachable = False
+            self._schedule_twin()
 
         self.twin.request(msg, replied, failed, timeout=min(interval, self.config.mesh.request_timeout_s), retries=0)
 
@@ -296,12 +316,12 @@ class Agent:
         if self.state == AgentState.STARTING:
             self.waiting_on = list(reply.waiting_on)
             self.set_state(AgentState.WAITING, "waiting on " + ", ".join(self.waiting_on) if self.waiting_on else "")
-        self._twin_next = 0.0
+        self._twin_soon()
 
     def _on_ready_status(self, reply: ReadyStatus) -> None:
         if not reply.registered:
             self._registered = False
-            self._twin_next = 0.0
+            self._twin_soon()
             return
         if not reply.ready:
             if reply.waiting_on != self.waiting_on:
@@ -323,11 +343,11 @@ class Agent:
         if not reply.registered:
             self.log.info("the twin does not know this instance (it restarted?): registering again")
             self._registered = False
-            self._twin_next = 0.0
+            self._twin_soon()
 
     def _on_twin_state(self, event: StateChanged, env: Envelope) -> None:
         if self.state == AgentState.WAITING and event.agent in self.spec.depends_on and event.state in READY_STATES:
-            self._twin_next = 0.0
+            self._twin_soon()
 
     def _on_event(self, topic: str, env: Envelope) -> None:
         for prefix, callback in self._subscriptions:

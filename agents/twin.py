@@ -108,7 +108,7 @@ class DigitalTwin(Agent):
         self._heard_from(rec.host)
         if rec.reported in READY_STATES:
             rec.waiting_on = []
-        self._refresh(rec, "heartbeat" if rec.state != AgentState.DEAD else "heartbeat after silence")
+        self._refresh(rec, "heartbeat after silence" if rec.state in SILENT else "heartbeat")
         return HeartbeatAck(registered=True)
 
     @handles(WaitReady)
@@ -124,10 +124,11 @@ class DigitalTwin(Agent):
         rec.waiting_on = waiting
         if rec.reported in (AgentState.STARTING, AgentState.WAITING, *SILENT) and rec.instance is not None:
             rec.reported = AgentState.WAITING
+            reason = "waiting on " + ", ".join(waiting) if waiting else "dependencies ready"
             if rec.state != AgentState.WAITING:
-                self._refresh(rec, "waiting on " + ", ".join(waiting) if waiting else "dependencies ready")
+                self._refresh(rec, reason)
             elif changed:
-                self._publish(rec, rec.state, "waiting on " + ", ".join(waiting) if waiting else "dependencies ready")
+                self._publish(rec, rec.state, reason)
         return ReadyStatus(ready=not waiting, waiting_on=waiting)
 
     @handles(Deregister)

@@ -177,3 +177,9 @@ def test_kinds_and_settings_are_checked_before_anything_runs():
     assert "f.yaml: agents.x.settings.publish" in text and "f.yaml: agents.x.settings.colour" in text
     assert "f.yaml: agents.y.kind: unknown agent kind 'nope'" in text
     check_kinds(parse_config(cfg(agents__x__settings={"publish": True})))
+
+
+def test_an_explicit_environment_fills_the_variables(monkeypatch):
+    monkeypatch.delenv("MAINPC_ADDRESS", raising=False)
+    c = load_config(ROOT / "config/mainpc.yaml", environ={"MAINPC_ADDRESS": "10.1.2.3"})
+    assert c.endpoint("twin") == "tcp://10.1.2.3:7100"

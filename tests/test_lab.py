@@ -85,13 +85,7 @@ class TwoHostMesh:
     def metric(self, agent: str, sample: str) -> float:
         """Sum of the samples starting with `sample`, scraped from inside MainPC (the only place
         that reaches both hosts)."""
-        saved = dict(os.environ)
-        os.environ.update(self.env)
-        try:
-            cfg = load_config(ROOT / "config" / "mainpc.yaml")
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        cfg = load_config(ROOT / "config" / "mainpc.yaml", environ=self.env)
         url = f"http://{cfg.hosts[cfg.host_of(agent)].address}:{cfg.port(agent, 'metrics')}/metrics"
         code = (f"import urllib.request;b=urllib.request.urlopen({url!r},timeout=5).read().decode();"
                 f"print(sum(float(l.rsplit(' ',1)[1]) for l in b.splitlines() if l.startswith({sample!r})))")

@@ -54,13 +54,7 @@ def podman(env, *args) -> subprocess.CompletedProcess:
 
 
 def local_config(env):
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        return load_config(ROOT / "config" / "local.yaml")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return load_config(ROOT / "config" / "local.yaml", environ=env)
 
 
 def test_build_deploy_status_logs_redeploy_restart_down(env):
