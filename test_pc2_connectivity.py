@@ -30,6 +30,7 @@ named test_*. tests/test_connectivity_local.py runs it against two real meshes o
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -887,6 +888,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=2.0, help="per-check timeout in seconds (default 2.0)")
     p.add_argument("--max-skew", type=float, default=0.5, help="largest clock skew allowed, seconds (default 0.5)")
     p.add_argument("--require-curve", action="store_true", help="CURVE off is a failure, not a warning")
+    p.add_argument("--deadline", type=float, default=120.0,
+                   help="hard limit for the whole run in seconds: past it, every thread's stack is printed and the "
+                        "run exits 1 (default 120)")
     args = p.parse_args(argv)
     if args.probes < 1:
         p.error("--probes must be at least 1")
@@ -913,6 +917,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"from": args.from_, "config": shown, "ok": False, "error": str(exc), "checks": []}))
         return 2
+    # Every check has its own timeout; this is the backstop that keeps a run from ever hanging,
+    # and says where it was stuck if it does.
+    faulthandler.dump_traceback_later(args.deadline, exit=True)
     started = time.perf_counter()
     conn = Connectivity(cfg, args, shown)
     try:

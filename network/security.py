@@ -107,18 +107,16 @@ def load_identity(keys_dir: Path, host: str) -> CurveIdentity:
 
 
 class Guard:
-    """CURVE for one zmq Context: starts the ZAP authenticator and configures sockets.
+    """CURVE for one zmq Context: configures sockets, and runs the ZAP authenticator once the
+    context has a server socket (a client-only context, like a CLI's, needs none).
 
     With `identity=None` every method is a no-op, so callers need not branch on security.
     """
 
     def __init__(self, ctx: zmq.Context, identity: CurveIdentity | None):
+        self.ctx = ctx
         self.identity = identity
         self._auth: ThreadAuthenticator | None = None
-        if identity is not None:
-            self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("network.security.zap"))
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(identity.public_dir))
 
     @property
     def enabled(self) -> bool:
@@ -127,6 +125,10 @@ class Guard:
     def server(self, sock: zmq.Socket) -> None:
         if self.identity is None:
             return
+        if self._auth is None:
+            self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("network.security.zap"))
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(self.identity.public_dir))
         sock.curve_secretkey = self.identity.secret
         sock.curve_publickey = self.identity.public
         sock.curve_server = True
