@@ -250,6 +250,7 @@ class Agent:
             self._metrics_http = None
         if self.guard is not None:
             self.guard.close()
+        self.reactor.close()
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None

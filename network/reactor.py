@@ -7,10 +7,13 @@ next timer or `max_wait` (so a stop request is seen within that time).
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
 import math
+import os
+import threading
 import time
 from typing import Callable
 
@@ -40,6 +43,10 @@ class Reactor:
         self._seq = itertools.count()
         self._stopping = False
         self.max_wait = max_wait
+        self._soon: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._wake_lock = threading.Lock()
 
     def add_socket(self, sock: zmq.Socket | int, callback: Callable[[], None]) -> None:
         self.poller.register(sock, zmq.POLLIN)
@@ -59,6 +66,46 @@ class Reactor:
         timer = Timer(time.monotonic() + (interval if first is None else first), fn, interval)
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Runs `fn` on the reactor's thread at its next turn; callable from any thread.
+
+        Worker threads and process pools hand their results back this way, so that stores and
+        sockets are only ever touched by the reactor's own thread."""
+        if self._wake_w is None:
+            with self._wake_lock:
+                if self._wake_w is None:
+                    r, w = os.pipe()
+                    os.set_blocking(r, False)
+                    os.set_blocking(w, False)
+                    self._wake_r = r
+                    self.add_socket(r, self._drain_soon)
+                    self._wake_w = w
+        self._soon.append(fn)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the reactor is already due to wake
+
+    def _drain_soon(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._soon:
+            self._guarded(self._soon.popleft())
+
+    def close(self) -> None:
+        """Releases the wake-up pipe (sockets belong to their owners)."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                try:
+                    self.remove_socket(fd)
+                except KeyError:
+                    pass
+                os.close(fd)
+        self._wake_r = self._wake_w = None
 
     def stop(self) -> None:
         self._stopping = True

@@ -41,7 +41,56 @@ def _send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
         sock.send(f, more)
     sock.send(frames[-1], flags)
 
-Handler = Callable[[Message, Envelope], Message]
+Handler = Callable[[Message, Envelope], "Message | Deferred"]
+
+
+class Deferred:
+    """A reply a handler gives later: it returns `Deferred()` at once, hands the work to a pool,
+    and calls `resolve(reply)` or `fail(code, message)` on the reactor's thread when it is done.
+
+    Until then a repeat of the request (a client's Lazy Pirate retry) is not handled again: the
+    reply goes to every copy's sender when it comes."""
+
+    __slots__ = ("_server", "_heads", "_id", "_type", "_started", "_outcome", "done")
+
+    def __init__(self) -> None:
+        self._server: RpcServer | None = None
+        self._heads: list[list[bytes]] = []
+        self._id = b""
+        self._type = ""
+        self._started = 0.0
+        self._outcome: tuple | None = None
+        self.done = False
+
+    def resolve(self, reply: Message) -> None:
+        self._settle(("reply", reply))
+
+    def fail(self, code: str, message: str, detail: dict | None = None) -> None:
+        self._settle(("error", str(code), message, detail))
+
+    def _bind(self, server: RpcServer, head: list[bytes], msg_id: bytes, type_name: str, started: float) -> None:
+        self._server, self._heads, self._id, self._type, self._started = server, [head], msg_id, type_name, started
+        if self._outcome is not None:
+            self._send()
+
+    def _settle(self, outcome: tuple) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._outcome = outcome
+        if self._server is not None:
+            self._send()
+
+    def _send(self) -> None:
+        server, outcome = self._server, self._outcome
+        server._inflight.pop(self._id, None)
+        if server.socket.closed:
+            return  # the agent stopped meanwhile; the client will retry elsewhere or later
+        for head in self._heads:
+            if outcome[0] == "reply":
+                server._reply(head, self._id, self._type, outcome[1], self._started)
+            else:
+                server._fail(head, outcome[1], outcome[2], cid=self._id, detail=outcome[3])
 
 
 def client_socket(ctx: zmq.Context, kind: int, endpoint: str, *, guard: Guard, server_host: str | None,
@@ -118,6 +167,7 @@ class RpcServer(BoundSocket):
         self.draining = False
         self._replies: OrderedDict[bytes, bytes] = OrderedDict()
         self._reply_cache = reply_cache
+        self._inflight: dict[bytes, Deferred] = {}
         self._bind(ctx, zmq.ROUTER, guard, metrics)
         self.socket.maxmsgsize = _hard_limit(max_frame_bytes)
         self.socket.rcvhwm = 10_000
@@ -164,6 +214,11 @@ class RpcServer(BoundSocket):
             self.metrics.message("cached_reply", "out")
             _send_frames(self.socket, head + [cached])
             return
+        pending = self._inflight.get(env.id)
+        if pending is not None:  # a retry of a request still being worked on: answer both when done
+            self.metrics.duplicates.inc()
+            pending._heads.append(head)
+            return
         handler = self.handlers.get(type_name)
         try:
             if handler is None:
@@ -179,9 +234,20 @@ class RpcServer(BoundSocket):
             log.exception("handler for %s failed", type_name)
             self._fail(head, ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", cid=env.id)
             return
-        _, frame = encode(reply, sender=self.sender, cid=env.id)
-        self._remember(env.id, frame)
-        _send_frames(self.socket, head + [frame])
+        if isinstance(reply, Deferred):
+            self._inflight[env.id] = reply
+            reply._bind(self, head, env.id, type_name, started)
+            return
+        self._reply(head, env.id, type_name, reply, started)
+
+    def _reply(self, head: list[bytes], msg_id: bytes, type_name: str, reply: Message, started: float) -> None:
+        _, frame = encode(reply, sender=self.sender, cid=msg_id)
+        self._remember(msg_id, frame)
+        try:
+            _send_frames(self.socket, head + [frame], _NOBLOCK)
+        except zmq.Again:
+            log.warning("reply to %s dropped: the client's queue is full", type_name)
+            return
         self.metrics.message(reply.type_name, "out")
         self.metrics.latency(type_name, "server", time.perf_counter() - started)
 
