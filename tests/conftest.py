@@ -19,6 +19,8 @@ import yaml
 from agents.config import MeshConfig, load_config
 from agents.kinds import resolve
 
+pytest_plugins = ["tests.services"]  # real PostgreSQL and Redis servers (fixtures for tests/test_stores.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 _next_base = [random.randrange(20000, 50000, 500)]
 
