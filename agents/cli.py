@@ -22,6 +22,8 @@ DEFAULT_CONFIG = os.environ.get("MESH_CONFIG", "config/local.yaml")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 keys_app = typer.Typer(no_args_is_help=True, help="CURVE key pairs, one per host.")
 app.add_typer(keys_app, name="keys")
+crawl_app = typer.Typer(no_args_is_help=True, help="The running crawl: status, add URLs.")
+app.add_typer(crawl_app, name="crawl")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -46,7 +48,9 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
        only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these agents (repeatable)."),
        log_level: str = typer.Option("INFO", "--log-level", help="Agents' log level."),
        restart_backoff: float = typer.Option(0.5, "--restart-backoff", help="First restart delay in seconds; doubles "
-                                             "on each crash up to 30 s, and resets after 30 s up.")) -> None:
+                                             "on each crash up to 30 s, and resets after 30 s up."),
+       seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="Crawl these URLs instead of the config's "
+                                                 "seeds (repeatable).")) -> None:
     """Start every agent of this host, restart crashed ones, stop all on Ctrl-C."""
     from rich.logging import RichHandler
 
@@ -58,6 +62,13 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
 
     logging.basicConfig(level="INFO", format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
     cfg = _load(config, host)
+    if seeds:
+        crawlers = [name for name, spec in cfg.agents.items() if spec.kind == "crawl_coordinator"]
+        if not crawlers:
+            err.print(f"[bold red]error:[/] --seeds: {config} has no agent of kind crawl_coordinator")
+            raise typer.Exit(2)
+        for name in crawlers:
+            cfg.agents[name].settings["seeds"] = list(seeds)
     try:
         sup = Supervisor(cfg, host=host, only=only, log_level=log_level, backoff_initial_s=restart_backoff)
     except (ValueError, ConfigError) as exc:
@@ -204,6 +215,92 @@ def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show
 
 
 KeysDirOpt = typer.Option(None, "--keys-dir", help="Default: security.keys_dir of the config (MESH_CONFIG), else keys/.")
+
+
+@app.command("export")
+def export(config: str = ConfigOpt,
+           out: Optional[Path] = typer.Option(None, "--out", help="Folder for the Parquet file (default: DATA_DIR/processed)."),
+           all_states: bool = typer.Option(False, "--all", help="Also the pages that could not be extracted.")) -> None:
+    """Write the processed documents to Parquet (data/processed/documents-<time>.parquet)."""
+    from pipeline.docstore import StoreUnavailable, open_docstore
+    from pipeline.export import export_parquet
+
+    cfg = _load(config)
+    url = cfg.store_url("documents")
+    try:
+        store = open_docstore(url)
+    except StoreUnavailable as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    try:
+        started = time.monotonic()
+        path, rows = export_parquet(store, out or cfg.mesh.data_dir / "processed", state=None if all_states else "extracted")
+    finally:
+        store.close()
+    console.print(f"{rows} document(s) -> {path} ({path.stat().st_size / 1e6:.1f} MB, {time.monotonic() - started:.1f}s)")
+
+
+def _crawler(cfg: MeshConfig, name: str | None) -> str:
+    names = [a for a, spec in cfg.agents.items() if spec.kind == "crawl_coordinator"]
+    if name is None and len(names) == 1:
+        return names[0]
+    if name in names:
+        return name
+    err.print(f"[bold red]error:[/] name the crawl coordinator with --agent: one of {names}" if names else
+              "[bold red]error:[/] this config has no agent of kind crawl_coordinator")
+    raise typer.Exit(2)
+
+
+AgentOpt = typer.Option(None, "--agent", help="The crawl coordinator (default: the config's only one).")
+
+
+@crawl_app.command("status")
+def crawl_status(config: str = ConfigOpt, agent: Optional[str] = AgentOpt,
+                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Frontier and hand-off counts of the running crawl."""
+    from agents.control import client
+    from network.rpc import MeshError
+    from pipeline.messages import CrawlStatusRequest
+
+    cfg = _load(config)
+    name = _crawler(cfg, agent)
+    try:
+        with client(cfg, name, timeout=cfg.mesh.request_timeout_s) as c:
+            st = c.request(CrawlStatusRequest())
+    except MeshError as exc:
+        err.print(f"[bold red]{name} does not answer[/] at {cfg.endpoint(name)}: {exc.message}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(st.model_dump_json(indent=2))
+        return
+    state = "[green]idle[/]" if st.idle else "[cyan]crawling[/]"
+    console.print(f"crawl {name}: {state}; {st.pages} page(s) fetched, {st.documents} stored this run, "
+                  f"budget left {st.budget_left}\n  frontier: {st.queued} queued, {st.leased} leased, "
+                  f"{st.fetched} waiting for the extractor, {st.done} done, {st.failed} failed ({st.seen} seen, "
+                  f"{st.hosts} host(s)); {st.in_flight} fetch(es) and {st.handoff_in_flight} hand-off(s) under way")
+
+
+@crawl_app.command("add")
+def crawl_add(urls: list[str] = typer.Argument(..., help="URLs to crawl."), config: str = ConfigOpt,
+              agent: Optional[str] = AgentOpt,
+              priority: float = typer.Option(0.0, "--priority", help="Higher is fetched sooner.")) -> None:
+    """Add URLs to the running crawl's frontier."""
+    from agents.control import client
+    from network.rpc import MeshError
+    from pipeline.messages import Enqueue
+
+    cfg = _load(config)
+    name = _crawler(cfg, agent)
+    try:
+        with client(cfg, name, timeout=cfg.mesh.request_timeout_s) as c:
+            reply = c.request(Enqueue(urls=urls, priority=priority))
+    except MeshError as exc:
+        err.print(f"[bold red]{name} refused[/]: {exc.message}")
+        raise typer.Exit(1) from None
+    for url in reply.added:
+        console.print(f"[green]added[/] {url}")
+    for url, why in reply.rejected.items():
+        console.print(f"[yellow]not added[/] {url}: {why}")
 
 
 def _keys_dir(given: Path | None) -> Path:

@@ -95,7 +95,12 @@ class Security(_Model):
 
 
 class Stores(_Model):
-    documents: str = Field("sqlite:///data/documents.db", description="sqlite:///PATH or postgresql://...")
+    """Where the pipeline keeps its state. Relative SQLite paths and raw_dir are under mesh.data_dir."""
+
+    documents: str = Field("sqlite:///documents.db", description="document store: sqlite:///PATH or postgresql://...")
+    frontier: str = Field("sqlite:///frontier.db", description="crawl frontier: sqlite:///PATH or redis://HOST:PORT/DB")
+    frontier_prefix: str = Field("frontier", description="Redis key prefix, so two crawls can share a database")
+    raw_dir: Path = Field(Path("raw"), description="content-addressed fetched bodies and their fetch records")
     cache: str | None = Field(None, description="redis://HOST:PORT/DB; none: an in-process cache")
 
     @field_validator("documents")
@@ -103,6 +108,13 @@ class Stores(_Model):
     def _documents_scheme(cls, v: str) -> str:
         if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("must start with sqlite:/// or postgresql://")
+        return v
+
+    @field_validator("frontier")
+    @classmethod
+    def _frontier_scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "redis://", "rediss://")):
+            raise ValueError("must start with sqlite:/// or redis://")
         return v
 
     @field_validator("cache")
@@ -179,6 +191,19 @@ class MeshConfig(_Model):
         if self.security.curve == "on":
             return True
         return secret_path(self.security.keys_dir, host).exists()
+
+    def store_url(self, which: Literal["documents", "frontier"]) -> str:
+        """The store's URL with a relative SQLite path placed under mesh.data_dir."""
+        url = getattr(self.stores, which)
+        if url.startswith("sqlite:///"):
+            path = Path(url[len("sqlite:///"):])
+            if not path.is_absolute():
+                return f"sqlite:///{self.mesh.data_dir / path}"
+        return url
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.stores.raw_dir if self.stores.raw_dir.is_absolute() else self.mesh.data_dir / self.stores.raw_dir
 
     def start_order(self) -> list[list[str]]:
         """Agents in dependency levels: each level depends only on earlier ones."""

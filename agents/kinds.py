@@ -18,6 +18,8 @@ BUILTIN: dict[str, str] = {
     "digital_twin": "agents.twin:DigitalTwin",
     "echo": "agents.echo:EchoAgent",
     "probe": "agents.probe:ProbeAgent",
+    "crawl_coordinator": "pipeline.coordinator:CrawlCoordinator",
+    "extractor": "pipeline.extractor:Extractor",
 }
 
 

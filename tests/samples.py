@@ -10,6 +10,11 @@ from network.messages import (
     Registered, StateChanged, StatusReply, StatusRequest, WaitReady,
 )
 
+from pipeline.messages import (
+    CrawlStatus, CrawlStatusRequest, DocStored, Enqueue, EnqueueResult, ExtractPage, Link, PageFetched, PageStored,
+    Prioritize, PrioritizeResult,
+)
+
 _status = AgentStatus(agent="a", kind="echo", host="h", group="g", required=True, state="ready", depends_on=["twin"],
                       waiting_on=[], last_heartbeat_age_s=0.2, uptime_s=3.0, restarts=1, pid=42,
                       stats=AgentStats(messages_in=1, messages_out=2, errors=0))
@@ -35,6 +40,20 @@ SAMPLES = {m.type_name: m for m in [
     ProbeReport(agent="a"),
     ProbeCounts(agent="a", received=3, last_seq=7),
     StateChanged(agent="a", host="h", previous="waiting", state="ready", restarts=0, reason="heartbeat"),
+    CrawlStatusRequest(),
+    CrawlStatus(queued=3, leased=1, fetched=2, done=10, failed=1, seen=17, pages=12, in_flight=1, handoff_in_flight=2,
+                documents=9, budget_left=100, idle=False, hosts=1),
+    Enqueue(urls=["http://example.org/"], priority=2.0, depth=0),
+    EnqueueResult(added=["http://example.org/"], rejected={"ftp://x/": "not an http(s) URL"}),
+    Prioritize(priorities={"http://example.org/a": 5.0}),
+    PrioritizeResult(updated=1, not_queued=["http://example.org/b"]),
+    ExtractPage(url="http://example.org/", final_url="http://example.org/", fetch_id="f1", status=200,
+                content_type="text/html", content_hash="ab" * 32, fetched_at=1.7e9, depth=0, truncated=False,
+                body_zstd=b"\x28\xb5\x2f\xfd"),
+    PageStored(url="http://example.org/", state="extracted", outcome="inserted", document_id=1,
+               outlinks=[Link(url="http://example.org/a", anchor="A")]),
+    PageFetched(url="http://example.org/", status=200, outcome="fetched", elapsed_ms=3.5, size=1200),
+    DocStored(url="http://example.org/", document_id=1, state="extracted", outcome="inserted"),
 ]}
 
 
@@ -44,4 +63,4 @@ def shipped() -> set[str]:
 
     for kind in BUILTIN:
         importlib.import_module(module_of(kind))
-    return {name for name, cls in REGISTRY.items() if cls.__module__.split(".")[0] in ("agents", "network")}
+    return {name for name, cls in REGISTRY.items() if cls.__module__.split(".")[0] in ("agents", "network", "pipeline")}

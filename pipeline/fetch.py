@@ -1,0 +1,156 @@
+"""Asynchronous HTTP fetching for the crawl coordinator.
+
+One asyncio loop in its own thread drives an `httpx.AsyncClient` (connection pooling and
+keep-alive per host). The coordinator's reactor thread calls `submit()`; when a fetch ends, an
+optional `postprocess` runs on a storage thread (the coordinator writes the raw store there, so
+an fsync never stalls a fetch) and the result is handed back on the reactor thread.
+
+Every fetch is capped: total time (`timeout_s`), body size (`max_bytes`: the body is cut there
+and marked truncated), and content type (a type outside `accept` is not downloaded at all).
+Redirects are not followed here: the coordinator schedules the target like any other URL, so
+robots.txt, politeness and the seen-set apply to every hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urljoin
+
+import httpx
+
+from network.reactor import Reactor
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass
+class FetchResult:
+    url: str
+    final_url: str
+    fetched_at: float
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = ""
+    body: bytes | None = None
+    truncated: bool = False
+    elapsed_s: float = 0.0
+    error: str | None = None            # timeout, connection refused, ...: no usable response
+    redirect_to: str | None = None      # absolute Location of a 3xx
+    skipped: str | None = None          # why the body was not downloaded (content type)
+    # filled by the coordinator's postprocess on the storage thread
+    fetch_id: str | None = None
+    content_hash: str | None = None
+    body_zstd: bytes | None = None
+
+    @property
+    def media_type(self) -> str:
+        return self.content_type.split(";", 1)[0].strip().lower()
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+class Fetcher:
+    def __init__(self, reactor: Reactor, *, user_agent: str, timeout_s: float, max_bytes: int,
+                 max_connections: int = 64, postprocess: Callable[[FetchResult], None] | None = None):
+        self.reactor = reactor
+        self.user_agent = user_agent
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.max_connections = max_connections
+        self.postprocess = postprocess
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._client: httpx.AsyncClient | None = None
+        self._storage = ThreadPoolExecutor(1, thread_name_prefix="fetch-store")
+        self._thread = threading.Thread(target=self._run, name="fetcher", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._client = httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, headers={"User-Agent": self.user_agent},
+            timeout=httpx.Timeout(self.timeout_s),
+            limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections))
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(self._client.aclose())
+            self._loop.close()
+
+    def submit(self, url: str, done: Callable[[FetchResult], None], *, accept: Callable[[str], bool] | None = None,
+               max_bytes: int | None = None, store: bool = True) -> None:
+        """Fetches `url`; `done(result)` runs later on the reactor's thread. `accept(media_type)`
+        decides whether a body is downloaded (None: any)."""
+        if self._closed:
+            return
+        asyncio.run_coroutine_threadsafe(self._fetch(url, done, accept, max_bytes or self.max_bytes, store), self._loop)
+
+    async def _fetch(self, url: str, done: Callable[[FetchResult], None], accept: Callable[[str], bool] | None,
+                     max_bytes: int, store: bool) -> None:
+        result = FetchResult(url=url, final_url=url, fetched_at=time.time())
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self._client.stream("GET", url) as resp:
+                    result.status = resp.status_code
+                    result.final_url = str(resp.url)
+                    result.headers = {k.lower(): v for k, v in resp.headers.items()}
+                    result.content_type = resp.headers.get("content-type", "")
+                    if resp.status_code in REDIRECTS and "location" in resp.headers:
+                        result.redirect_to = urljoin(str(resp.url), resp.headers["location"])
+                    elif accept is not None and resp.status_code < 300 and not accept(result.media_type):
+                        result.skipped = f"content type {result.media_type or 'missing'} is not crawled"
+                    else:
+                        chunks: list[bytes] = []
+                        size = 0
+                        async for chunk in resp.aiter_bytes():
+                            if size + len(chunk) > max_bytes:  # cut at the cap, keep what fits
+                                chunks.append(chunk[:max_bytes - size])
+                                result.truncated = True
+                                break
+                            chunks.append(chunk)
+                            size += len(chunk)
+                        result.body = b"".join(chunks)
+        except TimeoutError:
+            result.error = f"timed out after {self.timeout_s:g} s"
+        except httpx.TimeoutException as exc:
+            result.error = f"timed out ({type(exc).__name__})"
+        except httpx.HTTPError as exc:
+            result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except Exception as exc:  # a fetch must never take the loop down
+            log.exception("fetch of %s failed unexpectedly", url)
+            result.error = f"{type(exc).__name__}: {exc}"
+        result.elapsed_s = time.monotonic() - started
+        if store and self.postprocess is not None and result.error is None:
+            try:
+                await self._loop.run_in_executor(self._storage, self.postprocess, result)
+            except Exception as exc:
+                log.exception("storing the fetch of %s failed", url)
+                result.error = f"cannot store the fetched body: {type(exc).__name__}: {exc}"
+        self.reactor.call_soon_threadsafe(lambda: done(result))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._storage.shutdown(wait=True)
