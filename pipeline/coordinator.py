@@ -322,8 +322,9 @@ class CrawlCoordinator(Agent):
             self.frontier.mark_fetched(entry.url, r.fetch_id)
             entry.fetch_id = r.fetch_id
             self.budget_used += 1
-            self.handoff.append((entry, r))
             self._event(entry, r, "fetched", "truncated at the size cap" if r.truncated else "")
+            r.body = None   # the raw store has it; the hand-off needs only the compressed copy
+            self.handoff.append((entry, r))
         self._pump()
 
     def _redirect(self, entry: Entry, r: FetchResult) -> None:

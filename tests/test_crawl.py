@@ -203,3 +203,34 @@ def test_the_same_crawl_on_postgresql_and_redis(site, write_config, run_agents, 
         assert status.documents == len(stored) and status.fetched == 0
     finally:
         docs.close()
+
+
+def test_extractor_refuses_bad_pages_and_keeps_serving(write_config, run_agents):
+    import zstandard
+
+    from network.rpc import MeshError
+    from pipeline.messages import ExtractPage
+    from tests.samples import SAMPLES
+
+    _, cfg = write_config(mesh_dict({"extractor": {"kind": "extractor", "depends_on": ["twin"],
+                                                   "settings": {"workers": 0, "max_body_bytes": 4096}}}))
+    run_agents(cfg, "twin", "extractor")
+    page = SAMPLES["extract.page"]
+    with client(cfg, "extractor", timeout=5.0) as c:
+        wait_for(lambda: c.request(Ping()).state == "ready", what="extractor ready")
+        for body, code in [(b"not zstd at all", "invalid_body"),
+                           (zstandard.ZstdCompressor().compress(b"x" * 10_000), "too_large")]:
+            with pytest.raises(MeshError) as exc:
+                c.request(page.model_copy(update={"body_zstd": body}))
+            assert exc.value.code == code
+        html = b"<html><body><p>" + b"A real paragraph of text that is long enough to count. " * 5 + b"</p></body></html>"
+        ok = page.model_copy(update={"body_zstd": zstandard.ZstdCompressor().compress(html)})
+        first = c.request(ok)
+        assert (first.state, first.outcome) == ("extracted", "inserted")
+        again = c.request(ok.model_copy())   # delivered twice (a lost acknowledgement): stored once
+        assert (again.outcome, again.document_id) == ("unchanged", first.document_id)
+    docs = open_docstore(cfg.store_url("documents"))
+    try:
+        assert docs.count() == 1
+    finally:
+        docs.close()

@@ -86,7 +86,7 @@ def test_build_deploy_status_logs_redeploy_restart_down(env):
         assert any(line.startswith("mesh-local-tools | echo") for line in lines), logs.stdout
 
         again = script(env, "deploy", "local")
-        assert again.returncode == 0 and again.stdout.count("unchanged") == 2, again.stdout
+        assert again.returncode == 0 and again.stdout.count("unchanged") == len(cfg.groups), again.stdout
         assert ids == {n: podman(env, "inspect", n, "--format", "{{.Id}}").stdout for n in ids}
 
         assert podman(env, "healthcheck", "run", "mesh-local-core").returncode == 0
@@ -118,7 +118,7 @@ def test_kube_yaml_is_played_by_podman(env, tmp_path):
         assert play.returncode == 0, play.stderr
         wait_for(lambda: fetch_status(cfg, timeout=1).mesh_state == "ready", timeout=60, what="agents ready under kube play")
         placed = {a.agent: a.pid for a in fetch_status(cfg).agents}
-        assert set(placed) == {"twin", "echo"}
+        assert set(placed) == set(cfg.agents) == {"twin", "echo", "crawler", "extractor"}
     finally:
         down = podman(env, "kube", "down", str(path))
         podman(env, "volume", "rm", "--force", "mesh-local-data")
