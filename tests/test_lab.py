@@ -131,7 +131,8 @@ def mesh(lab, tmp_path):
 def test_whole_mesh_split_over_two_hosts(mesh, lab):
     st = mesh.status()
     placed = {a["agent"]: a["host"] for a in st["agents"]}
-    assert placed == {"twin": "mainpc", "probe-mainpc": "mainpc", "probe-pc2": "pc2", "crawler": "pc2", "extractor": "pc2"}
+    assert placed == {"twin": "mainpc", "probe-mainpc": "mainpc", "probe-pc2": "pc2", "crawler": "pc2", "extractor": "pc2",
+                      "topics": "mainpc"}
     hosts = {h["host"]: h for h in st["hosts"]}
     assert hosts["mainpc"]["state"] == "local" and hosts["pc2"]["state"] == "reachable"
     assert hosts["pc2"]["address"] == lab.hosts["pc2"].address
@@ -221,9 +222,13 @@ def test_connectivity_names_a_key_mismatch(lab, tmp_path):
     m.start("pc2", keys=wrong)  # PC2 runs with a key pair MainPC does not know
     try:
         wait_for(lambda: m.agents()["twin"]["state"] == "ready", timeout=30, interval=0.5, what="twin")
-        code, report = m.connectivity("--timeout", "1")
-        assert code == 1
-        curve = next(c for c in failures(report) if c["check"] == "curve")
+        def curve_failure():
+            # until PC2's agents listen, the check stops at TCP; then the handshake fails on the key
+            code, report = m.connectivity("--timeout", "1")
+            assert code == 1, report
+            return next((c for c in failures(report) if c["check"] == "curve"), None)
+
+        curve = wait_for(curve_failure, timeout=60, interval=1, what="the CURVE check to fail")
         assert "key mismatch" in curve["cause"] and "meshctl keys list" in curve["fix"]
     finally:
         for host in list(m.procs):
