@@ -21,7 +21,7 @@ import re
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -62,8 +62,26 @@ class Document:
     embedding_id: int | None = None
     duplicate_of: str | None = None
     topic: int | None = None
-    novelty: float | None = None
+    novelty: float | None = None       # Jensen-Shannon divergence from its topic's running distribution (bits, 0..1)
+    novelty_kl: float | None = None    # Kullback-Leibler divergence, smoothed (bits)
+    topic_label: str | None = None
+    topic_weights: list[float] | None = None   # the document's topic distribution
+    scored_at: float | None = None
     id: int | None = None        # assigned by the store
+
+
+@dataclass
+class Scores:
+    """What the topic model writes back for one document (DocStore.save_scores)."""
+
+    document_id: int
+    embedding_id: int | None
+    duplicate_of: str | None = None
+    topic: int | None = None
+    novelty: float | None = None
+    novelty_kl: float | None = None
+    topic_label: str | None = None
+    topic_weights: list[float] | None = None
 
 
 class StoreUnavailable(Exception):
@@ -78,15 +96,16 @@ class SchemaError(Exception):
 CONTENT_COLUMNS = ("url", "final_url", "canonical_url", "content_hash", "fetched_at", "http_status", "content_type",
                    "state", "error", "title", "language", "published", "text", "outlinks", "depth", "fetch_id",
                    "extracted_at")
-TOPIC_COLUMNS = ("embedding_id", "duplicate_of", "topic", "novelty")
+TOPIC_COLUMNS = ("embedding_id", "duplicate_of", "topic", "novelty", "novelty_kl", "topic_label", "topic_weights",
+                 "scored_at")
 SELECT_COLUMNS = ("id", *CONTENT_COLUMNS, *TOPIC_COLUMNS)
 _SELECT = f"SELECT {', '.join(SELECT_COLUMNS)} FROM documents"
 _WRITE_COLUMNS = (*CONTENT_COLUMNS, "updated_at")
 _INSERT = (f"INSERT INTO documents ({', '.join(_WRITE_COLUMNS)}) VALUES ({', '.join('?' * len(_WRITE_COLUMNS))}) "
            "ON CONFLICT (url) DO NOTHING RETURNING id")
 # params: every written column but url, then url, content_hash, state
-_UPDATE = (f"UPDATE documents SET {', '.join(f'{c} = ?' for c in _WRITE_COLUMNS[1:])}, embedding_id = NULL, "
-           "duplicate_of = NULL, topic = NULL, novelty = NULL WHERE url = ? AND (content_hash <> ? OR state <> ?) "
+_UPDATE = (f"UPDATE documents SET {', '.join(f'{c} = ?' for c in _WRITE_COLUMNS[1:])}, "
+           f"{', '.join(f'{c} = NULL' for c in TOPIC_COLUMNS)} WHERE url = ? AND (content_hash <> ? OR state <> ?) "
            "RETURNING id")
 assert set(SELECT_COLUMNS) == {f.name for f in fields(Document)}
 
@@ -164,6 +183,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
 )
+MIGRATIONS += (
+    Migration(
+        2, "topic model scores: KL novelty, topic label and distribution, scored_at",
+        sqlite=("ALTER TABLE documents ADD COLUMN novelty_kl REAL",
+                "ALTER TABLE documents ADD COLUMN topic_label TEXT",
+                "ALTER TABLE documents ADD COLUMN topic_weights TEXT",
+                "ALTER TABLE documents ADD COLUMN scored_at REAL",
+                "CREATE INDEX documents_topic ON documents (topic) WHERE topic IS NOT NULL"),
+        postgres=("ALTER TABLE documents ADD COLUMN novelty_kl DOUBLE PRECISION",
+                  "ALTER TABLE documents ADD COLUMN topic_label TEXT",
+                  "ALTER TABLE documents ADD COLUMN topic_weights TEXT",
+                  "ALTER TABLE documents ADD COLUMN scored_at DOUBLE PRECISION",
+                  "CREATE INDEX documents_topic ON documents (topic) WHERE topic IS NOT NULL"),
+    ),
+)
 LATEST_VERSION = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, LATEST_VERSION + 1)), "migrations must be numbered 1..N"
 
@@ -213,6 +247,20 @@ class DocStore(ABC):
     def set_topic_fields(self, url: str, *, embedding_id: int | None = _UNSET, duplicate_of: str | None = _UNSET,
                          topic: int | None = _UNSET, novelty: float | None = _UNSET) -> bool:
         """Sets the given topic-model columns (others untouched; None stores NULL); False if `url` is unknown."""
+
+    @abstractmethod
+    def embedded_since(self, embedding_id: int, *, limit: int = 1000) -> list[Document]:
+        """Documents whose embedding_id is at least `embedding_id`, by embedding_id then id (the topic model
+        replays them after a restart)."""
+
+    @abstractmethod
+    def embedded_originals(self) -> list[tuple[str, str, int, int | None, str | None]]:
+        """(url, content_hash, embedding_id, topic, topic_label) of every embedded document that duplicates no
+        other, by embedding_id: what the topic model rebuilds its maps from when it starts."""
+
+    @abstractmethod
+    def save_scores(self, scores: Iterable[Scores]) -> int:
+        """The topic model's results for many documents, in one transaction; returns rows updated."""
 
     @abstractmethod
     def pending_topic(self, limit: int) -> list[Document]:
@@ -283,7 +331,32 @@ class _SQLDocStore(DocStore):
     def _doc(self, row: tuple) -> Document:
         d = dict(zip(SELECT_COLUMNS, row))
         d["outlinks"] = self._load_outlinks(d["outlinks"])
+        if d["topic_weights"] is not None:
+            d["topic_weights"] = json.loads(d["topic_weights"])
         return Document(**d)
+
+    def embedded_since(self, embedding_id: int, *, limit: int = 1000) -> list[Document]:
+        rows = self._query(self._q(f"{_SELECT} WHERE embedding_id >= ? ORDER BY embedding_id, id LIMIT ?"),
+                           (int(embedding_id), int(limit)))
+        return [self._doc(r) for r in rows]
+
+    def embedded_originals(self) -> list[tuple[str, str, int, int | None, str | None]]:
+        return [tuple(r) for r in self._query("SELECT url, content_hash, embedding_id, topic, topic_label FROM documents "
+                                              "WHERE embedding_id IS NOT NULL AND duplicate_of IS NULL "
+                                              "ORDER BY embedding_id")]
+
+    def save_scores(self, scores: Iterable[Scores]) -> int:
+        """Writes the topic model's results for many documents in one transaction; returns rows updated."""
+        sql = self._q("UPDATE documents SET embedding_id = ?, duplicate_of = ?, topic = ?, novelty = ?, novelty_kl = ?, "
+                      "topic_label = ?, topic_weights = ?, scored_at = ?, updated_at = ? WHERE id = ?")
+        now = time.time()
+        n = 0
+        with self._tx() as tx:
+            for sc in scores:
+                weights = None if sc.topic_weights is None else json.dumps([round(w, 6) for w in sc.topic_weights])
+                n += tx.execute(sql, (sc.embedding_id, sc.duplicate_of, sc.topic, sc.novelty, sc.novelty_kl,
+                                      sc.topic_label, weights, now, now, sc.document_id)).rowcount
+        return n
 
     def upsert(self, doc: Document) -> str:
         if doc.state not in STATES:

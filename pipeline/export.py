@@ -38,6 +38,10 @@ SCHEMA = pa.schema([
     pa.field("duplicate_of", pa.string()),
     pa.field("topic", pa.int64()),
     pa.field("novelty", pa.float64()),
+    pa.field("novelty_kl", pa.float64()),
+    pa.field("topic_label", pa.string()),
+    pa.field("topic_weights", pa.list_(pa.float32())),
+    pa.field("scored_at", _TIMESTAMP),
 ])
 
 
@@ -50,7 +54,7 @@ def _batch(docs: list[Document]) -> pa.RecordBatch:
     for d in docs:
         for name in SCHEMA.names:
             columns[name].append(getattr(d, name))
-    for name in ("fetched_at", "extracted_at"):
+    for name in ("fetched_at", "extracted_at", "scored_at"):
         columns[name] = [_ms(v) for v in columns[name]]
     columns["outlinks"] = [[{"url": link.get("url"), "anchor": link.get("anchor")} for link in links or ()]
                            for links in columns["outlinks"]]

@@ -333,6 +333,30 @@ def test_content_change_resets_topic_columns(docstore: DocStore):
     assert (got.embedding_id, got.duplicate_of, got.topic, got.novelty) == (None, None, None, None)
 
 
+def test_save_scores_in_one_batch_and_reset_on_new_content(docstore: DocStore):
+    from pipeline.docstore import Scores
+
+    a, b = doc("a"), doc("b")
+    docstore.upsert(a)
+    docstore.upsert(b)
+    n = docstore.save_scores([
+        Scores(document_id=a.id, embedding_id=0, topic=2, novelty=0.4, novelty_kl=1.5, topic_label="x y z",
+               topic_weights=[0.1, 0.2, 0.7]),
+        Scores(document_id=b.id, embedding_id=0, duplicate_of=u("a"), topic=2, novelty=0.0, novelty_kl=0.0),
+        Scores(document_id=10**9, embedding_id=5),
+    ])
+    assert n == 2
+    got = docstore.get(u("a"))
+    assert (got.embedding_id, got.topic, got.novelty_kl, got.topic_label, got.topic_weights) == (
+        0, 2, 1.5, "x y z", [0.1, 0.2, 0.7])
+    assert got.scored_at is not None and docstore.get(u("b")).duplicate_of == u("a")
+    assert [d.url for d in docstore.pending_topic(10)] == []
+    docstore.upsert(doc("a", content="v2"))
+    got = docstore.get(u("a"))
+    assert (got.topic, got.novelty_kl, got.topic_weights, got.scored_at) == (None, None, None, None)
+    assert docstore.schema_version() == 2
+
+
 def test_set_topic_fields_sets_only_what_is_given(docstore: DocStore):
     docstore.upsert(doc("a"))
     docstore.set_topic_fields(u("a"), embedding_id=1)
