@@ -303,6 +303,42 @@ def crawl_add(urls: list[str] = typer.Argument(..., help="URLs to crawl."), conf
         console.print(f"[yellow]not added[/] {url}: {why}")
 
 
+@app.command("topics")
+def topics(config: str = ConfigOpt, agent: Optional[str] = typer.Option(None, "--agent", help="The topic model agent "
+                                                                       "(default: the config's only one)."),
+           limit: int = typer.Option(30, "--limit", "-n", help="Largest topics shown."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Topics of the topic model: size, keywords, mean novelty."""
+    from agents.control import client
+    from network.rpc import MeshError
+    from pipeline.messages import TopicsRequest
+
+    cfg = _load(config)
+    names = [a for a, spec in cfg.agents.items() if spec.kind == "topic_model"]
+    name = agent or (names[0] if len(names) == 1 else None)
+    if name not in names:
+        err.print(f"[bold red]error:[/] name the topic model with --agent: one of {names}" if names else
+                  "[bold red]error:[/] this config has no agent of kind topic_model")
+        raise typer.Exit(2)
+    try:
+        with client(cfg, name, timeout=cfg.mesh.request_timeout_s) as c:
+            reply = c.request(TopicsRequest(limit=limit))
+    except MeshError as exc:
+        err.print(f"[bold red]{name} does not answer[/] at {cfg.endpoint(name)}: {exc.message}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{name}: {reply.total_topics} topic(s), {reply.documents} document(s) scored, "
+                        f"{reply.duplicates} near- and {reply.exact_duplicates} exact duplicate(s); index {reply.index}; "
+                        f"{reply.device}", title_justify="left")
+    for col in ("topic", "size", "mean novelty", "keywords"):
+        table.add_column(col, justify="right" if col in ("topic", "size", "mean novelty") else "left")
+    for t in reply.topics:
+        table.add_row(str(t.id), str(t.size), f"{t.mean_novelty:.3f}", ", ".join(t.keywords))
+    console.print(table)
+
+
 def _keys_dir(given: Path | None) -> Path:
     if given is not None:
         return given

@@ -20,6 +20,7 @@ BUILTIN: dict[str, str] = {
     "probe": "agents.probe:ProbeAgent",
     "crawl_coordinator": "pipeline.coordinator:CrawlCoordinator",
     "extractor": "pipeline.extractor:Extractor",
+    "topic_model": "pipeline.topic_agent:TopicModelAgent",
 }
 
 

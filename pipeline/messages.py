@@ -119,3 +119,44 @@ class DocStored(Message):
     document_id: int | None = None
     state: str
     outcome: str
+
+
+class TopicsRequest(Message):
+    """The topic model's topics (meshctl topics)."""
+
+    type_name: ClassVar[str] = "topics.list"
+    limit: int = Field(50, ge=1, le=10_000)
+
+
+class TopicSummary(BaseModel):
+    id: int
+    label: str
+    keywords: list[str]
+    size: int
+    mean_novelty: float
+
+
+class TopicsReply(Message):
+    type_name: ClassVar[str] = "topics.listing"
+    topics: list[TopicSummary] = Field(default_factory=list)
+    total_topics: int = 0
+    documents: int = 0          # documents scored (this state, restarts included)
+    duplicates: int = 0         # near-duplicates found
+    exact_duplicates: int = 0   # same content hash as an earlier document
+    index: str = ""             # faiss index kind and size
+    device: str = ""
+
+
+class DocScored(Message):
+    """Event (topic doc.scored): the topic model scored a document."""
+
+    type_name: ClassVar[str] = "doc.scored"
+    url: str
+    document_id: int
+    topic: int | None = None
+    label: str = ""
+    novelty: float = 0.0
+    novelty_kl: float = 0.0
+    duplicate_of: str | None = None
+    similarity: float | None = None   # to the document it duplicates
+    new_topic: bool = False

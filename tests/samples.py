@@ -12,7 +12,7 @@ from network.messages import (
 
 from pipeline.messages import (
     CrawlStatus, CrawlStatusRequest, DocStored, Enqueue, EnqueueResult, ExtractPage, Link, PageFetched, PageStored,
-    Prioritize, PrioritizeResult,
+    Prioritize, PrioritizeResult, DocScored, TopicsReply, TopicsRequest, TopicSummary,
 )
 
 _status = AgentStatus(agent="a", kind="echo", host="h", group="g", required=True, state="ready", depends_on=["twin"],
@@ -54,6 +54,12 @@ SAMPLES = {m.type_name: m for m in [
                outlinks=[Link(url="http://example.org/a", anchor="A")]),
     PageFetched(url="http://example.org/", status=200, outcome="fetched", elapsed_ms=3.5, size=1200),
     DocStored(url="http://example.org/", document_id=1, state="extracted", outcome="inserted"),
+    TopicsRequest(limit=10),
+    TopicsReply(topics=[TopicSummary(id=0, label="python asyncio task", keywords=["python", "asyncio", "task"], size=12,
+                                     mean_novelty=0.21)], total_topics=1, documents=13, duplicates=1, exact_duplicates=0,
+                index="flat, 12 vector(s)", device="cpu"),
+    DocScored(url="http://example.org/", document_id=1, topic=0, label="python asyncio task", novelty=0.3,
+              novelty_kl=1.2, new_topic=False),
 ]}
 
 

@@ -1,0 +1,350 @@
+"""The topic model agent: extracted documents -> embeddings, duplicates, topics, novelty.
+
+Its work queue is the document store itself: every extracted document without an embedding
+(`DocStore.pending_topic`). The extractor's doc.stored events wake it early; a poll catches the
+rest, so nothing depends on an event arriving. For each batch, on a worker thread:
+
+  1. exact duplicates by content hash (no embedding needed: they share the original's);
+  2. embeddings (sentence-transformers; long texts chunked and pooled, see pipeline/embed.py),
+     appended to data/topics/vectors.f32 (row number = embedding_id) before anything else;
+  3. near-duplicates: cosine similarity in a faiss index (pipeline/dedup.py); a near-duplicate is
+     stored with duplicate_of and takes its original's topic without feeding the topic model again;
+  4. the online topic model (pipeline/topicmodel.py): topic distribution, top topic, label, and
+     novelty (Jensen-Shannon and smoothed Kullback-Leibler divergence from the topic's running
+     distribution);
+  5. one transaction writes the batch's scores; a doc.scored event per document follows.
+
+State survives restarts: the faiss index and the topic model are checkpointed under
+data/topics/ (every `checkpoint_every` documents, every `checkpoint_s` and on drain). At start the
+latest checkpoint is loaded and the documents scored after it are replayed from their stored
+vectors, so a restart neither re-embeds stored documents nor forgets what was seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from agents.runtime import Agent, AgentSettings, handles
+from network.codec import Envelope
+from network.rpc import MeshError
+from pipeline.docstore import Document, DocStore, Scores, StoreUnavailable, open_docstore
+from pipeline.messages import DocScored, DocStored, TopicsReply, TopicsRequest, TopicSummary
+
+
+class TopicSettings(AgentSettings):
+    model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: name or directory")
+    device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:N")
+    batch_size: int = Field(32, ge=1, le=4096, description="chunks per forward pass")
+    max_chunks: int = Field(16, ge=1, le=1024, description="chunks embedded per document (spread over it)")
+    batch_docs: int = Field(64, ge=1, le=10_000, description="documents taken from the store per pass")
+    duplicate_threshold: float = Field(0.85, gt=0, le=1, description="cosine similarity of a near-duplicate")
+    hnsw_above: int = Field(20_000, ge=1, description="the faiss index turns from flat to HNSW past this size")
+    max_topics: int = Field(64, ge=1, le=10_000)
+    new_topic_similarity: float = Field(0.5, ge=-1, le=1, description="a document less similar than this to every "
+                                        "topic opens a new one (young topics have a lower bar; see topicmodel.py)")
+    temperature: float = Field(0.05, gt=0, description="softmax temperature of the topic distribution")
+    keywords: int = Field(8, ge=1, le=100)
+    poll_s: float = Field(2.0, gt=0, description="look for new documents this often (doc.stored events wake it sooner)")
+    checkpoint_every: int = Field(500, ge=1, description="documents between checkpoints")
+    checkpoint_s: float = Field(60.0, gt=0, description="seconds between checkpoints")
+    source: str | None = Field("extractor", description="agent whose doc.stored events wake the topic model")
+
+
+@dataclass
+class Original:
+    url: str
+    embedding_id: int
+    topic: int | None
+    label: str | None
+
+
+class TopicModelAgent(Agent):
+    kind = "topic_model"
+    Settings = TopicSettings
+
+    def __init__(self, name, config) -> None:
+        super().__init__(name, config)
+        s = self.settings
+        if s.source is not None and s.source not in config.agents:
+            from agents.config import ConfigError
+
+            raise ConfigError(config.source, [(f"agents.{name}.settings.source", f"no agent named {s.source!r}",
+                                               "name the extractor, or write source: null")])
+        self.dir = config.mesh.data_dir / "topics"
+        self.embedder = None
+        self.index = None
+        self.topics = None
+        self.store: DocStore | None = None
+        self.by_hash: dict[str, Original] = {}
+        self.by_eid: dict[int, Original] = {}
+        self.next_eid = 0
+        self.checkpointed_rows = 0
+        self.since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        self.counts = {"documents": 0, "duplicates": 0, "exact_duplicates": 0, "embedded": 0, "replayed": 0}
+        self.lock = threading.Lock()       # the model objects: worker thread vs. requests on the reactor
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.worker: threading.Thread | None = None
+        self.worker_error: str | None = None
+
+    # --- start, stop --------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        if self.settings.source is not None:
+            self.subscribe(self.settings.source, DocStored.type_name, lambda *_: self.wake.set())
+
+    def on_ready(self) -> None:
+        from pipeline.dedup import DuplicateIndex
+        from pipeline.embed import Embedder
+        from pipeline.topicmodel import OnlineTopics
+
+        s = self.settings
+        started = time.monotonic()
+        self.embedder = Embedder(s.model, device=s.device, batch_size=s.batch_size, max_chunks=s.max_chunks)
+        self.store = open_docstore(self.config.store_url("documents"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self._latest_checkpoint()
+        if ckpt is not None:
+            meta = json.loads((ckpt / "state.json").read_text())
+            mismatch = (meta.get("dim"), meta.get("model_dim"), meta.get("model")) != (
+                self.embedder.dim, self.embedder.model_dim, s.model)
+            if mismatch:
+                raise RuntimeError(f"checkpoint {ckpt} was made with model {meta.get('model')} (dim {meta.get('dim')}), "
+                                   f"not {s.model} (dim {self.embedder.dim}): move {self.dir} away to start afresh")
+            self.index = DuplicateIndex.load(ckpt / "index.faiss", threshold=s.duplicate_threshold)
+            self.topics = OnlineTopics.load(ckpt / "topics.npz")
+            self.checkpointed_rows = meta["rows"]
+            self.counts.update(meta.get("counts", {}))
+        else:
+            self.index = DuplicateIndex(self.embedder.dim, threshold=s.duplicate_threshold, hnsw_above=s.hnsw_above)
+            self.topics = OnlineTopics(self.embedder.model_dim, max_topics=s.max_topics,
+                                       new_topic_similarity=s.new_topic_similarity, temperature=s.temperature,
+                                       keywords=s.keywords)
+        self.vectors_path = self.dir / "vectors.f32"
+        rows = self.vectors_path.stat().st_size // (4 * self.embedder.dim) if self.vectors_path.exists() else 0
+        self.next_eid = max(rows, self.checkpointed_rows)
+        for url, content_hash, eid, topic, label in self.store.embedded_originals():
+            original = Original(url, eid, topic, label)
+            self.by_hash.setdefault(content_hash, original)
+            self.by_eid[eid] = original
+        replayed = self._replay()
+        self.log.info("topic model ready in %.1fs: %s on %s, %d vector(s), checkpoint at %d, %d replayed, %d topic(s)",
+                      time.monotonic() - started, s.model, self.embedder.device, self.next_eid, self.checkpointed_rows,
+                      replayed, len(self.topics.topics()))
+        self.worker = threading.Thread(target=self._work, name="topic-model", daemon=True)
+        self.worker.start()
+        self.reactor.every(s.poll_s, self.wake.set)
+
+    def _replay(self) -> int:
+        """Feeds the documents scored after the checkpoint back into the index and the topic model from their
+        stored vectors (no embedding)."""
+        if self.next_eid <= self.checkpointed_rows:
+            return 0
+        dim = self.embedder.dim
+        vectors = np.memmap(self.vectors_path, dtype=np.float32, mode="r").reshape(-1, dim)
+        n = 0
+        since = self.checkpointed_rows
+        while True:
+            docs = self.store.embedded_since(since, limit=1000)
+            if not docs:
+                break
+            for doc in docs:
+                since = doc.embedding_id + 1
+                if doc.duplicate_of is not None or doc.embedding_id >= len(vectors):
+                    continue
+                vec = np.asarray(vectors[doc.embedding_id:doc.embedding_id + 1])
+                self.index.add([doc.embedding_id], vec)
+                self.topics.score(self._semantic(vec), [doc.text or ""])
+                n += 1
+        self.counts["replayed"] = self.counts.get("replayed", 0) + n
+        del vectors
+        return n
+
+    def _semantic(self, vecs: np.ndarray) -> np.ndarray:
+        """The sentence-embedding part of stored document vectors (the topic model works on meaning alone; the
+        lexical part is for near-duplicates, see pipeline/embed.py)."""
+        sem = np.asarray(vecs[:, :self.embedder.model_dim], dtype=np.float32)
+        norms = np.linalg.norm(sem, axis=1, keepdims=True)
+        return sem / np.where(norms > 0, norms, 1.0)
+
+    def on_drain(self) -> None:
+        self.stop.set()
+        self.wake.set()
+        if self.worker is not None:
+            self.worker.join(self.config.mesh.drain_timeout_s)
+            if not self.worker.is_alive() and self.topics is not None:
+                with self.lock:
+                    self._checkpoint()
+
+    def close(self) -> None:
+        super().close()
+        if self.store is not None and (self.worker is None or not self.worker.is_alive()):
+            self.store.close()
+            self.store = None
+
+    # --- the work -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        store = open_docstore(self.config.store_url("documents"))   # this thread's own connection
+        try:
+            while not self.stop.is_set():
+                self.wake.wait(self.settings.poll_s)
+                self.wake.clear()
+                while not self.stop.is_set():
+                    try:
+                        docs = store.pending_topic(self.settings.batch_docs)
+                    except StoreUnavailable as exc:
+                        self.log.warning("document store unavailable: %s", exc)
+                        break
+                    if not docs:
+                        break
+                    events = self._process(store, docs)
+                    s = self.settings
+                    if self.since_checkpoint >= s.checkpoint_every or time.monotonic() - self.last_checkpoint >= s.checkpoint_s:
+                        with self.lock:
+                            self._checkpoint()
+                    self.reactor.call_soon_threadsafe(lambda ev=events: [self.publish(e, topic="doc.scored") for e in ev])
+        except Exception as exc:  # the agent reports it and stops; the supervisor restarts it
+            self.log.exception("topic model worker failed")
+            self.worker_error = f"{type(exc).__name__}: {exc}"
+            self.failure = f"topic model worker failed: {self.worker_error}"
+            self.request_stop()
+        finally:
+            store.close()
+
+    def _process(self, store: DocStore, docs: list[Document]) -> list[DocScored]:
+        """Scores one batch; embedding runs outside the lock, so requests are answered meanwhile."""
+        fresh, seen = [], set()
+        for doc in docs:
+            if doc.content_hash not in self.by_hash and doc.content_hash not in seen:
+                seen.add(doc.content_hash)
+                fresh.append(doc)
+        embedded = self.embedder.embed([d.text or "" for d in fresh]) if fresh else None
+        with self.lock:
+            return self._score(store, docs, embedded)
+
+    def _score(self, store: DocStore, docs: list[Document], embedded) -> list[DocScored]:
+        scores: list[Scores] = []
+        events: list[DocScored] = []
+        fresh: list[Document] = []
+        batch_hashes: dict[str, Document] = {}
+        later: list[tuple[Document, Document]] = []   # exact duplicates of a document of this same batch
+        for doc in docs:
+            original = self.by_hash.get(doc.content_hash)
+            if original is not None:
+                scores.append(Scores(document_id=doc.id, embedding_id=original.embedding_id, duplicate_of=original.url,
+                                     topic=original.topic, novelty=0.0, novelty_kl=0.0, topic_label=original.label))
+                events.append(DocScored(url=doc.url, document_id=doc.id, topic=original.topic, label=original.label or "",
+                                        duplicate_of=original.url, similarity=1.0))
+                self.counts["exact_duplicates"] += 1
+            elif doc.content_hash in batch_hashes:
+                later.append((doc, batch_hashes[doc.content_hash]))
+            else:
+                batch_hashes[doc.content_hash] = doc
+                fresh.append(doc)
+        if fresh:
+            vecs = np.ascontiguousarray(embedded.vectors, dtype=np.float32)
+            sems = self._semantic(vecs)
+            eids = list(range(self.next_eid, self.next_eid + len(fresh)))
+            with open(self.vectors_path, "ab") as f:    # written before any score refers to it
+                f.write(vecs.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            self.next_eid += len(fresh)
+            self.counts["embedded"] += len(fresh)
+            matches = self.index.check_and_add(eids, vecs)
+            for i, (doc, eid, (dup, sim)) in enumerate(zip(fresh, eids, matches)):
+                if dup is not None:
+                    original = self.by_eid.get(dup)   # stored earlier, or an earlier row of this batch
+                    topic, weights = self.topics.assign(sems[i:i + 1])[0]
+                    topic = None if topic < 0 else topic
+                    label = self.topics.label(topic) if topic is not None else None   # the topic it was given
+                    scores.append(Scores(document_id=doc.id, embedding_id=eid, duplicate_of=original.url if original else None,
+                                         topic=topic, novelty=0.0, novelty_kl=0.0, topic_label=label,
+                                         topic_weights=weights))
+                    events.append(DocScored(url=doc.url, document_id=doc.id, topic=topic, label=label or "",
+                                            duplicate_of=original.url if original else None, similarity=round(sim, 4)))
+                    self.counts["duplicates"] += 1
+                    continue
+                sc = self.topics.score(sems[i:i + 1], [doc.text or ""])[0]
+                original = Original(doc.url, eid, sc.topic, sc.label)
+                self.by_eid[eid] = original
+                self.by_hash[doc.content_hash] = original
+                scores.append(Scores(document_id=doc.id, embedding_id=eid, topic=sc.topic, novelty=sc.novelty,
+                                     novelty_kl=sc.novelty_kl, topic_label=sc.label, topic_weights=sc.weights))
+                events.append(DocScored(url=doc.url, document_id=doc.id, topic=sc.topic, label=sc.label,
+                                        novelty=round(sc.novelty, 6), novelty_kl=round(sc.novelty_kl, 6),
+                                        new_topic=sc.new_topic))
+        for doc, first in later:
+            original = self.by_hash[first.content_hash]
+            scores.append(Scores(document_id=doc.id, embedding_id=original.embedding_id, duplicate_of=original.url,
+                                 topic=original.topic, novelty=0.0, novelty_kl=0.0, topic_label=original.label))
+            events.append(DocScored(url=doc.url, document_id=doc.id, topic=original.topic, label=original.label or "",
+                                    duplicate_of=original.url, similarity=1.0))
+            self.counts["exact_duplicates"] += 1
+        store.save_scores(scores)
+        self.counts["documents"] += len(scores)
+        self.since_checkpoint += len(scores)
+        return events
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def _latest_checkpoint(self) -> Path | None:
+        done = sorted((p for p in self.dir.glob("ckpt-*") if (p / "state.json").exists()),
+                      key=lambda p: int(p.name.split("-", 1)[1]))
+        return done[-1] if done else None
+
+    def _checkpoint(self) -> None:
+        """index + topic model + counters into a new ckpt-<rows> folder, made complete before it is named."""
+        rows = self.next_eid
+        final = self.dir / f"ckpt-{rows}"
+        if final.exists():
+            self.since_checkpoint, self.last_checkpoint = 0, time.monotonic()
+            return
+        tmp = self.dir / f".ckpt-{rows}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.index.save(tmp / "index.faiss")
+        self.topics.save(tmp / "topics.npz")
+        (tmp / "state.json").write_text(json.dumps({"rows": rows, "model": self.settings.model,
+                                                    "dim": self.embedder.dim, "model_dim": self.embedder.model_dim,
+                                                    "counts": self.counts,
+                                                    "time": time.time()}))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        for old in self.dir.glob("ckpt-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        self.checkpointed_rows = rows
+        self.since_checkpoint, self.last_checkpoint = 0, time.monotonic()
+        self.log.info("checkpoint at %d vector(s): %d topic(s), index %s", rows, len(self.topics.topics()),
+                      self.index.kind)
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    @handles(TopicsRequest)
+    def on_topics(self, msg: TopicsRequest, env: Envelope) -> TopicsReply:
+        if self.topics is None:
+            raise MeshError("unavailable", f"topic model {self.name!r} is not ready yet")
+        with self.lock:
+            infos = self.topics.topics()
+            counts = dict(self.counts)
+            index = f"{self.index.kind}, {self.index.ntotal} vector(s)"
+        return TopicsReply(topics=[TopicSummary(id=t.id, label=t.label, keywords=list(t.keywords), size=t.size,
+                                                mean_novelty=round(t.mean_novelty, 6)) for t in infos[:msg.limit]],
+                           total_topics=len(infos), documents=counts["documents"], duplicates=counts["duplicates"],
+                           exact_duplicates=counts["exact_duplicates"], index=index, device=self.embedder.device)
