@@ -134,7 +134,7 @@ def test_politeness_delay_between_requests_to_one_host(politeness, robots, write
 
 
 def test_page_budget_and_requests(site, write_config, run_agents):
-    _, cfg = write_config(crawl_config(site, max_depth=4, max_pages=8, politeness_s=0.0))
+    path, cfg = write_config(crawl_config(site, max_depth=4, max_pages=8, politeness_s=0.0))
     run_agents(cfg, "twin", "extractor", "crawler")
     status = wait_idle(cfg)
     assert status.budget_left == 0 and status.queued > 0
@@ -149,6 +149,23 @@ def test_page_budget_and_requests(site, write_config, run_agents):
         assert added.added == [site.url("/a/3.html")] or site.url("/a/3.html") in added.rejected
         assert added.rejected["ftp://x/y"].startswith("not an http(s) URL")
         assert added.rejected[site.url("/")] == "already seen"
+    # the same through meshctl
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def meshctl(*args):
+        return subprocess.run([sys.executable, "-m", "agents.cli", *args, "--config", str(path)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    r = meshctl("crawl", "status", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["budget_left"] == 0
+    r = meshctl("crawl", "add", site.url("/b/5.html"), "mailto:x@y")
+    assert r.returncode == 0, r.stderr
+    assert "not added mailto:x@y: not an http(s) URL" in " ".join(r.stdout.split())
 
 
 @pytest.mark.parametrize("victim", ["extractor", "crawler"])

@@ -234,3 +234,45 @@ def test_pubsub_topics_and_prefixes():
     sub.close()
     pub.close()
     ctx.term()
+
+
+def test_deferred_reply_from_a_worker_thread_and_a_retry_answered_once():
+    """A handler hands its work to another thread and returns Deferred; the reply comes later through
+    call_soon_threadsafe. A Lazy Pirate retry that arrives meanwhile is not handled again: both copies
+    get the one reply (the client takes the first)."""
+    from network.rpc import Deferred
+
+    ctx = zmq.Context()
+    reactor = Reactor(max_wait=0.02)
+    server = RpcServer(ctx, "tcp://127.0.0.1:*", sender="srv", metrics=MeshMetrics("srv", "test"))
+    calls = []
+
+    def later(msg, env):
+        calls.append(msg.seq)
+        d = Deferred()
+        if msg.seq == 13:
+            threading.Timer(0.2, lambda: reactor.call_soon_threadsafe(lambda: d.fail("store_unavailable", "down"))).start()
+        else:
+            threading.Timer(1.2, lambda: reactor.call_soon_threadsafe(lambda: d.resolve(Echo(seq=msg.seq * 2)))).start()
+        return d
+
+    server.route(Echo, later)
+    server.attach(reactor)
+    thread = threading.Thread(target=reactor.run, daemon=True)
+    thread.start()
+    try:
+        with RpcClient(server.endpoint, timeout=0.5, retries=3) as c:
+            started = time.monotonic()
+            reply = c.request(Echo(seq=21))      # the first attempt times out; a retry arrives while it is pending
+            assert reply.seq == 42 and time.monotonic() - started >= 1.0
+            with pytest.raises(MeshError) as exc:
+                c.request(Echo(seq=13))
+            assert exc.value.code == "store_unavailable"
+        assert calls == [21, 13]                 # handled once each, retries included
+        assert server.metrics.duplicates._value.get() >= 1
+    finally:
+        reactor.stop()
+        thread.join(2)
+        server.close()
+        reactor.close()
+        ctx.term()

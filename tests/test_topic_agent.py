@@ -55,7 +55,7 @@ def topics_config(**settings) -> dict:
 
 
 def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_config, run_agents):
-    _, cfg = write_config(topics_config())
+    path, cfg = write_config(topics_config())
     store = open_docstore(cfg.store_url("documents"))
     urls = list(texts)[:40]
     for url in urls:
@@ -98,6 +98,15 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     assert all(t.keywords and t.label for t in listing.topics)
     assert {e.url for e in ctx_events} >= set(urls[-10:])
     store.close()
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "agents.cli", "topics", "--config", str(path), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["documents"] == 42
 
 
 def test_killed_mid_stream_loses_nothing_and_re_embeds_nothing(texts, write_config, mesh_up):
