@@ -251,3 +251,23 @@ def test_extractor_refuses_bad_pages_and_keeps_serving(write_config, run_agents)
         assert docs.count() == 1
     finally:
         docs.close()
+
+
+def test_unreachable_host_fails_its_urls_and_the_crawl_goes_on(site, write_config, run_agents):
+    """A host that refuses connections: its robots.txt is asked again a bounded number of times, then its URLs
+    fail with the reason (RFC 9309: no robots.txt answer, no crawling), and the reachable site is crawled."""
+    from tests.services import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    _, cfg = write_config(crawl_config(site, max_depth=1, robots_retry_s=0.2, max_retries=1))
+    run_agents(cfg, "twin", "extractor", "crawler")
+    with client(cfg, "crawler", timeout=2.0) as c:
+        wait_for(lambda: c.request(Ping()).state == "ready", what="crawler ready")
+        added = c.request(Enqueue(urls=[f"{dead}/a.html", f"{dead}/b.html"]))
+        assert len(added.added) == 2
+    status = wait_idle(cfg)
+    rows = frontier_rows(cfg)
+    for path in ("/a.html", "/b.html"):
+        row = rows[f"{dead}{path}"]
+        assert row["state"] == "failed" and row["error"].startswith("robots.txt unreachable: ConnectError"), row
+    assert rows[site.url("/a/1.html")]["state"] == "done" and status.documents > 5
