@@ -33,7 +33,7 @@ from network.codec import Envelope
 from network.reactor import Timer
 from network.rpc import MeshError
 from pipeline.fetch import REDIRECTS, Fetcher, FetchResult
-from pipeline.frontier import Entry, Frontier, open_frontier
+from pipeline.frontier import Entry, Frontier, FrontierUnavailable, open_frontier
 from pipeline.messages import (
     CrawlStatus, CrawlStatusRequest, Enqueue, EnqueueResult, ExtractPage, PageFetched, PageStored, Prioritize,
     PrioritizeResult,
@@ -44,6 +44,7 @@ from pipeline.urls import BadURL, host_of, normalize, origin_of
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 PERMANENT_ERRORS = ("too_large", "invalid_body", "undecodable")   # delivering again cannot help
 FRAME_OVERHEAD = 64 << 10
+STORE_RETRY_S = 2.0
 
 
 class CrawlSettings(AgentSettings):
@@ -196,7 +197,13 @@ class CrawlCoordinator(Agent):
         room = min(max(4 * s.concurrency, 64) - self.buffered,
                    s.max_pages - self.budget_used - self.buffered - len(self.in_flight))
         if room > 0 and backlog < 4 * s.handoff_window:
-            for entry in self.frontier.pop(room):
+            try:
+                popped = self.frontier.pop(room)
+            except FrontierUnavailable as exc:
+                self.log.warning("frontier unavailable (%s); trying again in %.0f s", exc, STORE_RETRY_S)
+                self._wake_at(now + STORE_RETRY_S)
+                popped = []
+            for entry in popped:
                 self._host(entry.url).queue.append(entry)
                 self.buffered += 1
         wake = float("inf")
@@ -406,11 +413,21 @@ class CrawlCoordinator(Agent):
             self.log.info("extractor %s answers again", self.settings.extractor)
         self.handoff_backoff = 0.0
         depth = entry.depth + 1
-        if depth <= self.settings.max_depth and reply.outlinks:
-            links = [link for link in reply.outlinks if self._in_scope(link.url)]
-            self.frontier.add(Entry(url=link.url, depth=depth, priority=-float(depth), parent=entry.url,
-                                    anchor=link.anchor or None) for link in links)
-        self.frontier.finish(entry.url, ok=True, status=status, error=None if reply.state == "extracted" else reply.error)
+        try:
+            if depth <= self.settings.max_depth and reply.outlinks:
+                links = [link for link in reply.outlinks if self._in_scope(link.url)]
+                self.frontier.add(Entry(url=link.url, depth=depth, priority=-float(depth), parent=entry.url,
+                                        anchor=link.anchor or None) for link in links)
+            self.frontier.finish(entry.url, ok=True, status=status,
+                                 error=None if reply.state == "extracted" else reply.error)
+        except FrontierUnavailable as exc:
+            # the page is stored but the frontier did not take the outcome: deliver it again later (the
+            # extractor's upsert makes that harmless) rather than lose its outlinks
+            self.log.warning("frontier unavailable (%s): %s goes to the extractor again", exc, entry.url)
+            self.handoff.append((entry, None))
+            self.handoff_paused_until = time.monotonic() + STORE_RETRY_S
+            self._wake_at(self.handoff_paused_until)
+            return
         self.documents += 1
         self._pump()
 

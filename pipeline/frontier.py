@@ -597,7 +597,7 @@ class RedisFrontier(Frontier):
             raise ValueError("Redis frontier prefix must not be empty")
         self.url = url
         self.prefix = prefix
-        self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=60.0)
+        self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=10.0)
         self._keys = [f"{prefix}:{k}" for k in ("seen", "seq", "queue", "qnb", "delayed", "leased", "fetched",
                                                 "counts")]
         self._e = f"{prefix}:e:"
