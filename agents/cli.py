@@ -240,15 +240,29 @@ def export(config: str = ConfigOpt,
     console.print(f"{rows} document(s) -> {path} ({path.stat().st_size / 1e6:.1f} MB, {time.monotonic() - started:.1f}s)")
 
 
-def _crawler(cfg: MeshConfig, name: str | None) -> str:
-    names = [a for a, spec in cfg.agents.items() if spec.kind == "crawl_coordinator"]
+def _agent_of_kind(cfg: MeshConfig, kind: str, name: str | None) -> str:
+    """`name`, or the config's only agent of `kind`; exits 2 with the choices otherwise."""
+    names = [a for a, spec in cfg.agents.items() if spec.kind == kind]
     if name is None and len(names) == 1:
         return names[0]
     if name in names:
         return name
-    err.print(f"[bold red]error:[/] name the crawl coordinator with --agent: one of {names}" if names else
-              "[bold red]error:[/] this config has no agent of kind crawl_coordinator")
+    err.print(f"[bold red]error:[/] name the {kind} agent with --agent: one of {names}" if names else
+              f"[bold red]error:[/] this config has no agent of kind {kind}")
     raise typer.Exit(2)
+
+
+def _ask(cfg: MeshConfig, name: str, message):
+    """One request to agent `name`; exits 1 saying why when it does not answer or refuses."""
+    from agents.control import client
+    from network.rpc import MeshError
+
+    try:
+        with client(cfg, name, timeout=cfg.mesh.request_timeout_s) as c:
+            return c.request(message)
+    except MeshError as exc:
+        err.print(f"[bold red]{name} at {cfg.endpoint(name)}:[/] {exc.message}")
+        raise typer.Exit(1) from None
 
 
 AgentOpt = typer.Option(None, "--agent", help="The crawl coordinator (default: the config's only one).")
@@ -258,18 +272,11 @@ AgentOpt = typer.Option(None, "--agent", help="The crawl coordinator (default: t
 def crawl_status(config: str = ConfigOpt, agent: Optional[str] = AgentOpt,
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Frontier and hand-off counts of the running crawl."""
-    from agents.control import client
-    from network.rpc import MeshError
     from pipeline.messages import CrawlStatusRequest
 
     cfg = _load(config)
-    name = _crawler(cfg, agent)
-    try:
-        with client(cfg, name, timeout=cfg.mesh.request_timeout_s) as c:
-            st = c.request(CrawlStatusRequest())
-    except MeshError as exc:
-        err.print(f"[bold red]{name} does not answer[/] at {cfg.endpoint(name)}: {exc.message}")
-        raise typer.Exit(1) from None
+    name = _agent_of_kind(cfg, "crawl_coordinator", agent)
+    st = _ask(cfg, name, CrawlStatusRequest())
     if as_json:
         print(st.model_dump_json(indent=2))
         return
@@ -285,18 +292,11 @@ def crawl_add(urls: list[str] = typer.Argument(..., help="URLs to crawl."), conf
               agent: Optional[str] = AgentOpt,
               priority: float = typer.Option(0.0, "--priority", help="Higher is fetched sooner.")) -> None:
     """Add URLs to the running crawl's frontier."""
-    from agents.control import client
-    from network.rpc import MeshError
     from pipeline.messages import Enqueue
 
     cfg = _load(config)
-    name = _crawler(cfg, agent)
-    try:
-        with client(cfg, name, timeout=cfg.mesh.request_timeout_s) as c:
-            reply = c.request(Enqueue(urls=urls, priority=priority))
-    except MeshError as exc:
-        err.print(f"[bold red]{name} refused[/]: {exc.message}")
-        raise typer.Exit(1) from None
+    name = _agent_of_kind(cfg, "crawl_coordinator", agent)
+    reply = _ask(cfg, name, Enqueue(urls=urls, priority=priority))
     for url in reply.added:
         console.print(f"[green]added[/] {url}")
     for url, why in reply.rejected.items():
@@ -309,23 +309,11 @@ def topics(config: str = ConfigOpt, agent: Optional[str] = typer.Option(None, "-
            limit: int = typer.Option(30, "--limit", "-n", help="Largest topics shown."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Topics of the topic model: size, keywords, mean novelty."""
-    from agents.control import client
-    from network.rpc import MeshError
     from pipeline.messages import TopicsRequest
 
     cfg = _load(config)
-    names = [a for a, spec in cfg.agents.items() if spec.kind == "topic_model"]
-    name = agent or (names[0] if len(names) == 1 else None)
-    if name not in names:
-        err.print(f"[bold red]error:[/] name the topic model with --agent: one of {names}" if names else
-                  "[bold red]error:[/] this config has no agent of kind topic_model")
-        raise typer.Exit(2)
-    try:
-        with client(cfg, name, timeout=cfg.mesh.request_timeout_s) as c:
-            reply = c.request(TopicsRequest(limit=limit))
-    except MeshError as exc:
-        err.print(f"[bold red]{name} does not answer[/] at {cfg.endpoint(name)}: {exc.message}")
-        raise typer.Exit(1) from None
+    name = _agent_of_kind(cfg, "topic_model", agent)
+    reply = _ask(cfg, name, TopicsRequest(limit=limit))
     if as_json:
         print(reply.model_dump_json(indent=2))
         return

@@ -10,8 +10,6 @@ import os
 import re
 import signal
 import sqlite3
-import time
-from pathlib import Path
 
 import pytest
 
@@ -226,7 +224,6 @@ def test_extractor_refuses_bad_pages_and_keeps_serving(write_config, run_agents)
     import zstandard
 
     from network.rpc import MeshError
-    from pipeline.messages import ExtractPage
     from tests.samples import SAMPLES
 
     _, cfg = write_config(mesh_dict({"extractor": {"kind": "extractor", "depends_on": ["twin"],
