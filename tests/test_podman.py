@@ -39,6 +39,8 @@ def env():
             pytest.fail(f"CI must run the Podman tests: {why}")
         pytest.skip(why)
     offset = free_port_block(10) - 7100
+    while offset > 50000:   # mesh.port_offset's ceiling; the port blocks wrap around to lower ports
+        offset = free_port_block(10) - 7100
     e = dict(os.environ, MESH_IMAGE=IMAGE, MESH_PORT_OFFSET=str(offset), COLUMNS="200")
     e.setdefault("MESH_PODMAN_OPTS", "")
     return e
