@@ -119,8 +119,9 @@ class TopicModelAgent(Agent):
             mismatch = (meta.get("dim"), meta.get("model_dim"), meta.get("model")) != (
                 self.embedder.dim, self.embedder.model_dim, s.model)
             if mismatch:
-                raise RuntimeError(f"checkpoint {ckpt} was made with model {meta.get('model')} (dim {meta.get('dim')}), "
-                                   f"not {s.model} (dim {self.embedder.dim}): move {self.dir} away to start afresh")
+                raise RuntimeError(f"checkpoint {ckpt} was made with model {meta.get('model')} "
+                                   f"(dim {meta.get('dim')}), not {s.model} (dim {self.embedder.dim}): "
+                                   f"move {self.dir} away to start afresh")
             self.index = DuplicateIndex.load(ckpt / "index.faiss", threshold=s.duplicate_threshold)
             self.topics = OnlineTopics.load(ckpt / "topics.npz")
             self.checkpointed_rows = meta["rows"]
@@ -142,8 +143,7 @@ class TopicModelAgent(Agent):
                       time.monotonic() - started, s.model, self.embedder.device, self.next_eid, self.checkpointed_rows,
                       replayed, len(self.topics.topics()))
         self.worker = threading.Thread(target=self._work, name="topic-model", daemon=True)
-        self.worker.start()
-        self.reactor.every(s.poll_s, self.wake.set)
+        self.worker.start()   # it looks every poll_s by itself; doc.stored events wake it sooner
 
     def _replay(self) -> int:
         """Feeds the documents scored after the checkpoint back into the index and the topic model from their
@@ -210,10 +210,11 @@ class TopicModelAgent(Agent):
                         break
                     events = self._process(store, docs)
                     s = self.settings
-                    if self.since_checkpoint >= s.checkpoint_every or time.monotonic() - self.last_checkpoint >= s.checkpoint_s:
+                    if (self.since_checkpoint >= s.checkpoint_every
+                            or time.monotonic() - self.last_checkpoint >= s.checkpoint_s):
                         with self.lock:
                             self._checkpoint()
-                    self.reactor.call_soon_threadsafe(lambda ev=events: [self.publish(e, topic="doc.scored") for e in ev])
+                    self.reactor.call_soon_threadsafe(lambda ev=events: [self.publish(e, "doc.scored") for e in ev])
         except Exception as exc:  # the agent reports it and stops; the supervisor restarts it
             self.log.exception("topic model worker failed")
             self.worker_error = f"{type(exc).__name__}: {exc}"
@@ -224,78 +225,63 @@ class TopicModelAgent(Agent):
 
     def _process(self, store: DocStore, docs: list[Document]) -> list[DocScored]:
         """Scores one batch; embedding runs outside the lock, so requests are answered meanwhile."""
-        fresh, seen = [], set()
+        fresh: list[Document] = []      # first of their content hash: embedded
+        copies: list[Document] = []     # same content hash as a stored document or an earlier one of this batch
+        hashes = set(self.by_hash)
         for doc in docs:
-            if doc.content_hash not in self.by_hash and doc.content_hash not in seen:
-                seen.add(doc.content_hash)
-                fresh.append(doc)
+            (copies if doc.content_hash in hashes else fresh).append(doc)
+            hashes.add(doc.content_hash)
         embedded = self.embedder.embed([d.text or "" for d in fresh]) if fresh else None
         with self.lock:
-            return self._score(store, docs, embedded)
-
-    def _score(self, store: DocStore, docs: list[Document], embedded) -> list[DocScored]:
-        scores: list[Scores] = []
-        events: list[DocScored] = []
-        fresh: list[Document] = []
-        batch_hashes: dict[str, Document] = {}
-        later: list[tuple[Document, Document]] = []   # exact duplicates of a document of this same batch
-        for doc in docs:
-            original = self.by_hash.get(doc.content_hash)
-            if original is not None:
+            scores, events = self._score_fresh(fresh, embedded) if fresh else ([], [])
+            for doc in copies:   # after the fresh ones, so a copy of one of them finds it
+                original = self.by_hash[doc.content_hash]
                 scores.append(Scores(document_id=doc.id, embedding_id=original.embedding_id, duplicate_of=original.url,
                                      topic=original.topic, novelty=0.0, novelty_kl=0.0, topic_label=original.label))
-                events.append(DocScored(url=doc.url, document_id=doc.id, topic=original.topic, label=original.label or "",
-                                        duplicate_of=original.url, similarity=1.0))
-                self.counts["exact_duplicates"] += 1
-            elif doc.content_hash in batch_hashes:
-                later.append((doc, batch_hashes[doc.content_hash]))
-            else:
-                batch_hashes[doc.content_hash] = doc
-                fresh.append(doc)
-        if fresh:
-            vecs = np.ascontiguousarray(embedded.vectors, dtype=np.float32)
-            sems = self._semantic(vecs)
-            eids = list(range(self.next_eid, self.next_eid + len(fresh)))
-            with open(self.vectors_path, "ab") as f:    # written before any score refers to it
-                f.write(vecs.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            self.next_eid += len(fresh)
-            self.counts["embedded"] += len(fresh)
-            matches = self.index.check_and_add(eids, vecs)
-            for i, (doc, eid, (dup, sim)) in enumerate(zip(fresh, eids, matches)):
-                if dup is not None:
-                    original = self.by_eid.get(dup)   # stored earlier, or an earlier row of this batch
-                    topic, weights = self.topics.assign(sems[i:i + 1])[0]
-                    topic = None if topic < 0 else topic
-                    label = self.topics.label(topic) if topic is not None else None   # the topic it was given
-                    scores.append(Scores(document_id=doc.id, embedding_id=eid, duplicate_of=original.url if original else None,
-                                         topic=topic, novelty=0.0, novelty_kl=0.0, topic_label=label,
-                                         topic_weights=weights))
-                    events.append(DocScored(url=doc.url, document_id=doc.id, topic=topic, label=label or "",
-                                            duplicate_of=original.url if original else None, similarity=round(sim, 4)))
-                    self.counts["duplicates"] += 1
-                    continue
-                sc = self.topics.score(sems[i:i + 1], [doc.text or ""])[0]
-                original = Original(doc.url, eid, sc.topic, sc.label)
-                self.by_eid[eid] = original
-                self.by_hash[doc.content_hash] = original
-                scores.append(Scores(document_id=doc.id, embedding_id=eid, topic=sc.topic, novelty=sc.novelty,
-                                     novelty_kl=sc.novelty_kl, topic_label=sc.label, topic_weights=sc.weights))
-                events.append(DocScored(url=doc.url, document_id=doc.id, topic=sc.topic, label=sc.label,
-                                        novelty=round(sc.novelty, 6), novelty_kl=round(sc.novelty_kl, 6),
-                                        new_topic=sc.new_topic))
-        for doc, first in later:
-            original = self.by_hash[first.content_hash]
-            scores.append(Scores(document_id=doc.id, embedding_id=original.embedding_id, duplicate_of=original.url,
-                                 topic=original.topic, novelty=0.0, novelty_kl=0.0, topic_label=original.label))
-            events.append(DocScored(url=doc.url, document_id=doc.id, topic=original.topic, label=original.label or "",
-                                    duplicate_of=original.url, similarity=1.0))
-            self.counts["exact_duplicates"] += 1
-        store.save_scores(scores)
-        self.counts["documents"] += len(scores)
-        self.since_checkpoint += len(scores)
+                events.append(DocScored(url=doc.url, document_id=doc.id, topic=original.topic,
+                                        label=original.label or "", duplicate_of=original.url, similarity=1.0))
+            self.counts["exact_duplicates"] += len(copies)
+            store.save_scores(scores)
+            self.counts["documents"] += len(scores)
+            self.since_checkpoint += len(scores)
         return events
+
+    def _score_fresh(self, fresh: list[Document], embedded) -> tuple[list[Scores], list[DocScored]]:
+        """Vectors to disk first, then near-duplicates, then the topic model, one document at a time."""
+        scores: list[Scores] = []
+        events: list[DocScored] = []
+        vecs = np.ascontiguousarray(embedded.vectors, dtype=np.float32)
+        sems = self._semantic(vecs)
+        eids = list(range(self.next_eid, self.next_eid + len(fresh)))
+        with open(self.vectors_path, "ab") as f:    # written before any score refers to it
+            f.write(vecs.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self.next_eid += len(fresh)
+        self.counts["embedded"] += len(fresh)
+        for i, (doc, eid, (dup, sim)) in enumerate(zip(fresh, eids, self.index.check_and_add(eids, vecs))):
+            if dup is not None:
+                original = self.by_eid[dup]   # stored earlier, or an earlier row of this batch
+                self.by_hash[doc.content_hash] = original   # an exact copy of this one duplicates the same original
+                topic, weights = self.topics.assign(sems[i:i + 1])[0]
+                topic = None if topic < 0 else topic
+                label = self.topics.label(topic) if topic is not None else None   # the topic it was given
+                scores.append(Scores(document_id=doc.id, embedding_id=eid, duplicate_of=original.url, topic=topic,
+                                     novelty=0.0, novelty_kl=0.0, topic_label=label, topic_weights=weights))
+                events.append(DocScored(url=doc.url, document_id=doc.id, topic=topic, label=label or "",
+                                        duplicate_of=original.url, similarity=round(sim, 4)))
+                self.counts["duplicates"] += 1
+                continue
+            sc = self.topics.score(sems[i:i + 1], [doc.text or ""])[0]
+            original = Original(doc.url, eid, sc.topic, sc.label)
+            self.by_eid[eid] = original
+            self.by_hash[doc.content_hash] = original
+            scores.append(Scores(document_id=doc.id, embedding_id=eid, topic=sc.topic, novelty=sc.novelty,
+                                 novelty_kl=sc.novelty_kl, topic_label=sc.label, topic_weights=sc.weights))
+            events.append(DocScored(url=doc.url, document_id=doc.id, topic=sc.topic, label=sc.label,
+                                    novelty=round(sc.novelty, 6), novelty_kl=round(sc.novelty_kl, 6),
+                                    new_topic=sc.new_topic))
+        return scores, events
 
     # --- checkpoints ------------------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     put(store, "http://copy.example/exact", texts[original])                       # same bytes: exact duplicate
     edited = texts[original].replace(". ", ". Indeed, ", 3) + "\nShare this page. Cookie settings. Imprint."
     put(store, "http://copy.example/edited", edited)                                # near-duplicate
+    put(store, "http://copy.example/edited-again", edited)                          # exact copy of a near-duplicate
     store.upsert(Document(url="http://other.example/failed", final_url="http://other.example/failed",
                           content_hash="f" * 64, fetched_at=time.time(), http_status=200, content_type="text/html",
                           state="failed", error="no main text found"))
@@ -85,6 +86,8 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     orig = store.get(original)
     assert exact.duplicate_of == original and exact.embedding_id == orig.embedding_id and exact.novelty == 0.0
     assert near.duplicate_of == original and near.topic == orig.topic
+    again = store.get("http://copy.example/edited-again")
+    assert again.duplicate_of == original and again.embedding_id == orig.embedding_id
     scored = [store.get(u) for u in urls]
     assert all(d.embedding_id is not None and d.topic is not None and d.duplicate_of is None for d in scored)
     assert len({d.embedding_id for d in scored}) == len(scored)
@@ -92,7 +95,7 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     assert all(abs(sum(d.topic_weights) - 1.0) < 1e-3 for d in scored)
     with client(cfg, "topics", timeout=5.0) as c:
         listing = c.request(TopicsRequest(limit=5))
-    assert listing.documents == 42 and listing.exact_duplicates == 1 and listing.duplicates == 1
+    assert listing.documents == 43 and listing.exact_duplicates == 2 and listing.duplicates == 1
     assert store.get("http://other.example/failed").embedding_id is None     # failed pages are not scored
     assert listing.topics and sum(t.size for t in listing.topics) <= 40
     assert all(t.keywords and t.label for t in listing.topics)
@@ -106,7 +109,7 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     r = subprocess.run([sys.executable, "-m", "agents.cli", "topics", "--config", str(path), "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["documents"] == 42
+    assert json.loads(r.stdout)["documents"] == 43
 
 
 def test_killed_mid_stream_loses_nothing_and_re_embeds_nothing(texts, write_config, mesh_up):
