@@ -78,13 +78,12 @@ class Extractor(Agent):
         except zstandard.ZstdError as exc:
             raise MeshError("invalid_body", f"body_zstd is not valid zstd data: {exc}") from None
         reply = Deferred()
+        job = (extract_job, body, msg.final_url, msg.content_type, self.settings.backends, msg.truncated)
         try:
-            future = self.pool.submit(extract_job, body, msg.final_url, msg.content_type, self.settings.backends,
-                                      msg.truncated)
-        except (BrokenProcessPool, RuntimeError):
+            future = self.pool.submit(*job)
+        except (BrokenProcessPool, RuntimeError):   # a worker died since the last page: a fresh pool
             self._replace_pool()
-            future = self.pool.submit(extract_job, body, msg.final_url, msg.content_type, self.settings.backends,
-                                      msg.truncated)
+            future = self.pool.submit(*job)
         future.add_done_callback(lambda f: self.reactor.call_soon_threadsafe(lambda: self._finish(msg, f, reply)))
         return reply
 
