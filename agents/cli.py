@@ -327,6 +327,45 @@ def topics(config: str = ConfigOpt, agent: Optional[str] = typer.Option(None, "-
     console.print(table)
 
 
+@app.command("crawl-report")
+def crawl_report(config: str = ConfigOpt,
+                 spans: int = typer.Option(10, "--spans", min=1, max=1000, help="Rows of the timeline."),
+                 novel_bar: float = typer.Option(0.3, "--novel-bar", min=0.0, max=1.0,
+                                                 help="Novelty from which a non-duplicate page counts as novel."),
+                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Fetched pages, novel pages, duplicate rate and topics discovered over time (from the document store)."""
+    from pipeline.docstore import StoreUnavailable, open_docstore
+    from pipeline.report import crawl_report as make_report
+
+    cfg = _load(config)
+    try:
+        store = open_docstore(cfg.store_url("documents"))
+        try:
+            rows = store.timeline()
+        finally:
+            store.close()
+    except StoreUnavailable as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    report = make_report(rows, spans=spans, novel_bar=novel_bar)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    console.print(f"crawl report: {report.fetched} page(s) fetched in {report.duration_s:.0f} s ({report.extracted} "
+                  f"extracted, {report.failed} failed); {report.scored} scored: {report.novel} novel (novelty >= "
+                  f"{report.novel_bar:g}), {report.duplicates} duplicate(s) ({report.duplicate_rate:.1%}), "
+                  f"{report.topics} topic(s)")
+    if not report.fetched:
+        return
+    table = Table(title="over time (running totals)", title_justify="left")
+    for col in ("after s", "fetched", "scored", "novel", "duplicates", "topics"):
+        table.add_column(col, justify="right")
+    for sp in report.timeline:
+        table.add_row(f"{sp.until_s:.0f}", str(sp.fetched), str(sp.scored), str(sp.novel), str(sp.duplicates),
+                      str(sp.topics))
+    console.print(table)
+
+
 def _keys_dir(given: Path | None) -> Path:
     if given is not None:
         return given

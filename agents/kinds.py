@@ -21,6 +21,8 @@ BUILTIN: dict[str, str] = {
     "crawl_coordinator": "pipeline.coordinator:CrawlCoordinator",
     "extractor": "pipeline.extractor:Extractor",
     "topic_model": "pipeline.topic_agent:TopicModelAgent",
+    "vram_optimizer": "pipeline.vram_agent:VramOptimizer",
+    "model_manager": "pipeline.model_manager:ModelManager",
 }
 
 

@@ -35,8 +35,8 @@ from network.rpc import MeshError
 from pipeline.fetch import REDIRECTS, Fetcher, FetchResult
 from pipeline.frontier import Entry, Frontier, FrontierUnavailable, open_frontier
 from pipeline.messages import (
-    CrawlStatus, CrawlStatusRequest, Enqueue, EnqueueResult, ExtractPage, PageFetched, PageStored, Prioritize,
-    PrioritizeResult,
+    CrawlDiscovered, CrawlStatus, CrawlStatusRequest, Enqueue, EnqueueResult, ExtractPage, PageFetched, PageStored,
+    Prioritize, PrioritizeResult,
 )
 from pipeline.rawstore import FetchRecord, RawMissing, RawStore
 from pipeline.urls import BadURL, host_of, normalize, origin_of
@@ -416,8 +416,12 @@ class CrawlCoordinator(Agent):
         try:
             if depth <= self.settings.max_depth and reply.outlinks:
                 links = [link for link in reply.outlinks if self._in_scope(link.url)]
-                self.frontier.add(Entry(url=link.url, depth=depth, priority=-float(depth), parent=entry.url,
-                                        anchor=link.anchor or None) for link in links)
+                added = set(self.frontier.add(Entry(url=link.url, depth=depth, priority=-float(depth), parent=entry.url,
+                                                    anchor=link.anchor or None) for link in links))
+                if added:
+                    new = {link.url: link for link in reversed(links) if link.url in added}   # first anchor wins
+                    self.publish(CrawlDiscovered(parent=entry.url, depth=depth, links=list(reversed(new.values()))),
+                                 "crawl.discovered")
             self.frontier.finish(entry.url, ok=True, status=status,
                                  error=None if reply.state == "extracted" else reply.error)
         except FrontierUnavailable as exc:

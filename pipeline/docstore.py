@@ -267,6 +267,11 @@ class DocStore(ABC):
         """Up to `limit` extracted documents without an embedding yet, by id: the topic model's work queue."""
 
     @abstractmethod
+    def timeline(self) -> list[tuple[float, str, bool, int | None, float | None, bool]]:
+        """(fetched_at, state, scored, topic, novelty, duplicate) of every document, by fetched_at: what the crawl
+        report is made of (no texts are read)."""
+
+    @abstractmethod
     def schema_version(self) -> int:
         """The latest migration applied to this store."""
 
@@ -383,6 +388,11 @@ class _SQLDocStore(DocStore):
     def get(self, url: str) -> Document | None:
         rows = self._query(self._q(f"{_SELECT} WHERE url = ?"), (url,))
         return self._doc(rows[0]) if rows else None
+
+    def timeline(self) -> list[tuple[float, str, bool, int | None, float | None, bool]]:
+        rows = self._query("SELECT fetched_at, state, embedding_id IS NOT NULL, topic, novelty, duplicate_of IS NOT NULL "
+                           "FROM documents ORDER BY fetched_at, id")
+        return [(float(t), st, bool(sc), topic, novelty, bool(dup)) for t, st, sc, topic, novelty, dup in rows]
 
     def count(self, state: str | None = None) -> int:
         if state is None:

@@ -8,11 +8,14 @@ outlinks back to the frontier. Events: crawl.fetched (coordinator) and doc.store
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, Field
 
 from network.messages import Message
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Link(BaseModel):
@@ -56,6 +59,16 @@ class EnqueueResult(Message):
     type_name: ClassVar[str] = "crawl.enqueued"
     added: list[str] = Field(default_factory=list)
     rejected: dict[str, str] = Field(default_factory=dict)   # url -> why (seen, out of scope, not http)
+
+
+class CrawlDiscovered(Message):
+    """Event (topic crawl.discovered): outlinks of `parent` newly added to the frontier (the curiosity agent scores
+    them and answers with crawl.prioritize)."""
+
+    type_name: ClassVar[str] = "crawl.discovered"
+    parent: str
+    depth: int = 0          # the links' depth
+    links: list[Link] = Field(default_factory=list)
 
 
 class Prioritize(Message):
@@ -160,3 +173,138 @@ class DocScored(Message):
     duplicate_of: str | None = None
     similarity: float | None = None   # to the document it duplicates
     new_topic: bool = False
+    embedding: bytes = b""            # the semantic vector, float16 little-endian, L2-normalised (empty for exact copies)
+
+    def vector(self) -> np.ndarray | None:
+        """The semantic vector as float32, or None when the event carries none."""
+        import numpy as np
+
+        if not self.embedding or len(self.embedding) % 2:
+            return None
+        return np.frombuffer(self.embedding, dtype="<f2").astype(np.float32)
+
+
+class CuriosityStatusRequest(Message):
+    """Where the curiosity agent stands (meshctl crawl-report, the dashboard)."""
+
+    type_name: ClassVar[str] = "curiosity.status"
+
+
+class CacheInfo(BaseModel):
+    backend: str = ""
+    items: int = 0
+    bytes: int = 0
+    max_items: int | None = None
+    max_bytes: int | None = None
+    hits: int = 0
+    misses: int = 0
+    evictions: dict[str, int] = Field(default_factory=dict)   # reason -> count
+
+
+class CuriosityStatus(Message):
+    type_name: ClassVar[str] = "curiosity.status_reply"
+    updates: int = 0               # optimisation steps of the policy (restarts included)
+    checkpointed_updates: int = 0  # the update count of the last checkpoint
+    observed: int = 0              # fetched links whose outcome the policy learned from (this run)
+    pending: int = 0               # links scored and still waiting in the frontier, as far as the agent knows
+    prioritized: int = 0           # priorities sent to the coordinator (this run)
+    mean_reward: float = 0.0       # over the last 100 observations
+    mean_intrinsic: float = 0.0
+    mean_extrinsic: float = 0.0
+    device: str = ""
+    cache: CacheInfo = Field(default_factory=CacheInfo)
+
+
+class CacheGet(Message):
+    """A document from the hot cache; a miss reads it from the document store and caches it."""
+
+    type_name: ClassVar[str] = "cache.get"
+    url: str
+    embedding: bool = False        # include the semantic vector
+
+
+class CachedDocument(Message):
+    type_name: ClassVar[str] = "cache.doc"
+    url: str
+    found: bool = False
+    source: str = ""               # cache | store ("" when not found)
+    document_id: int | None = None
+    title: str = ""
+    text: str = ""
+    novelty: float = 0.0
+    embedding: bytes = b""         # float32 little-endian, when asked for and known
+
+
+# --- the GGUF model manager (pipeline/model_manager.py) -------------------------------------------------------
+
+
+class Generate(Message):
+    """Text from a GGUF model; loads it first (under a VRAM lease) when it is not loaded."""
+
+    type_name: ClassVar[str] = "model.generate"
+    model: str
+    prompt: str = Field(max_length=200_000)
+    max_tokens: int = Field(64, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class Generated(Message):
+    type_name: ClassVar[str] = "model.generated"
+    model: str
+    text: str
+    tokens: int
+    finish: str                 # stop | length
+    elapsed_s: float
+    placement: str              # gpu:N, gpu:N (k/n layers), cpu
+
+
+class Embed(Message):
+    """Embeddings from a GGUF model loaded with embedding: true."""
+
+    type_name: ClassVar[str] = "model.embed"
+    model: str
+    texts: list[str] = Field(min_length=1, max_length=1024)
+
+
+class Embedded(Message):
+    type_name: ClassVar[str] = "model.embedded"
+    model: str
+    dim: int
+    vectors: bytes              # float32 little-endian, len(texts) rows of `dim`
+
+
+class ModelsRequest(Message):
+    """The model manager's models and where they are."""
+
+    type_name: ClassVar[str] = "model.list"
+
+
+class ModelInfo(BaseModel):
+    name: str
+    path: str
+    state: str                  # unloaded | waiting | loading | loaded | failed
+    placement: str = ""
+    n_gpu_layers: int = 0
+    estimate_bytes: int = 0     # GPU bytes asked for (0: CPU)
+    measured_bytes: int | None = None   # NVML delta of the load, where a GPU measured it
+    lease: str | None = None
+    idle_s: float | None = None
+    requests: int = 0
+    error: str = ""
+
+
+class ModelsReply(Message):
+    type_name: ClassVar[str] = "model.listing"
+    models: list[ModelInfo] = Field(default_factory=list)
+    gpu: str = ""               # what the VRAM optimizer said about GPUs ("no GPU", names)
+
+
+class Unload(Message):
+    """Unloads a model now (its lease is released); answered mesh.ack."""
+
+    type_name: ClassVar[str] = "model.unload"
+    model: str

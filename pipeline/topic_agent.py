@@ -59,6 +59,11 @@ class TopicSettings(AgentSettings):
     source: str | None = Field("extractor", description="agent whose doc.stored events wake the topic model")
 
 
+def _f16(v: np.ndarray) -> bytes:
+    """A semantic vector for a doc.scored event (float16: 768 bytes for MiniLM)."""
+    return np.asarray(v, dtype="<f2").tobytes()
+
+
 @dataclass
 class Original:
     url: str
@@ -269,7 +274,8 @@ class TopicModelAgent(Agent):
                 scores.append(Scores(document_id=doc.id, embedding_id=eid, duplicate_of=original.url, topic=topic,
                                      novelty=0.0, novelty_kl=0.0, topic_label=label, topic_weights=weights))
                 events.append(DocScored(url=doc.url, document_id=doc.id, topic=topic, label=label or "",
-                                        duplicate_of=original.url, similarity=round(sim, 4)))
+                                        duplicate_of=original.url, similarity=round(sim, 4),
+                                        embedding=_f16(sems[i])))
                 self.counts["duplicates"] += 1
                 continue
             sc = self.topics.score(sems[i:i + 1], [doc.text or ""])[0]
@@ -280,7 +286,7 @@ class TopicModelAgent(Agent):
                                  novelty_kl=sc.novelty_kl, topic_label=sc.label, topic_weights=sc.weights))
             events.append(DocScored(url=doc.url, document_id=doc.id, topic=sc.topic, label=sc.label,
                                     novelty=round(sc.novelty, 6), novelty_kl=round(sc.novelty_kl, 6),
-                                    new_topic=sc.new_topic))
+                                    new_topic=sc.new_topic, embedding=_f16(sems[i])))
         return scores, events
 
     # --- checkpoints ------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ fi
 stamp=".venv/.installed${extras:+-$extras}"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null && ! command -v c++ >/dev/null; then
+        echo "error: llama-cpp-python is compiled at install and needs a C++ compiler: apt-get install -y g++" >&2
+        exit 1
+    fi
+    # llama.cpp's build: portable CPU code unless told otherwise (MainPC's GPU: CMAKE_ARGS="-DGGML_CUDA=on")
+    export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
     echo "$want" > "$stamp"
