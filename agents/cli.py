@@ -242,7 +242,15 @@ def export(config: str = ConfigOpt,
 
 def _agent_of_kind(cfg: MeshConfig, kind: str, name: str | None) -> str:
     """`name`, or the config's only agent of `kind`; exits 2 with the choices otherwise."""
-    names = [a for a, spec in cfg.agents.items() if spec.kind == kind]
+    from agents.kinds import UnknownKind, target_of
+
+    def same(spec_kind: str) -> bool:   # the built-in name, or the dotted path it stands for
+        try:
+            return spec_kind == kind or target_of(spec_kind) == target_of(kind)
+        except UnknownKind:
+            return False
+
+    names = [a for a, spec in cfg.agents.items() if same(spec.kind)]
     if name is None and len(names) == 1:
         return names[0]
     if name in names:
@@ -323,7 +331,75 @@ def topics(config: str = ConfigOpt, agent: Optional[str] = typer.Option(None, "-
     for col in ("topic", "size", "mean novelty", "keywords"):
         table.add_column(col, justify="right" if col in ("topic", "size", "mean novelty") else "left")
     for t in reply.topics:
-        table.add_row(str(t.id), str(t.size), f"{t.mean_novelty:.3f}", ", ".join(t.keywords))
+        words = escape(", ".join(t.keywords))
+        table.add_row(str(t.id), str(t.size), f"{t.mean_novelty:.3f}",
+                      f"[bold]{escape(t.title)}[/]: {words}" if t.title else words)
+    console.print(table)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):,.0f} MiB"
+
+
+@app.command("vram")
+def vram(config: str = ConfigOpt, agent: Optional[str] = typer.Option(None, "--agent", help="The VRAM optimizer "
+                                                                     "(default: the config's only one)."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """GPUs, budgets and model leases of the VRAM optimizer."""
+    from pipeline.vram_agent import VramStatusRequest
+
+    cfg = _load(config)
+    name = _agent_of_kind(cfg, "vram_optimizer", agent)
+    st = _ask(cfg, name, VramStatusRequest())
+    if as_json:
+        print(st.model_dump_json(indent=2))
+        return
+    console.print(f"{name}: {st.backend}; {escape(st.detail)}; headroom {_mib(st.headroom)}")
+    if st.gpus:
+        table = Table(title="GPUs", title_justify="left")
+        for col in ("gpu", "name", "used", "free", "budget", "leased", "other", "available", "temp", "util"):
+            table.add_column(col, justify="left" if col == "name" else "right")
+        for g in st.gpus:
+            table.add_row(str(g.index), g.name, _mib(g.used), _mib(g.free), _mib(g.budget), _mib(g.leased),
+                          _mib(g.external), _mib(g.available),
+                          "-" if g.temperature_c is None else f"{g.temperature_c:.0f} C",
+                          "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%")
+        console.print(table)
+    rows = [*st.leases, *st.queue]
+    if rows:
+        table = Table(title="leases", title_justify="left")
+        for col in ("agent", "model", "state", "bytes", "priority", "device", "idle s", "note"):
+            table.add_column(col, justify="right" if col in ("bytes", "priority", "idle s") else "left")
+        for lease in rows:
+            note = f"#{lease.position} in queue" if lease.position else lease.reason
+            table.add_row(lease.agent, lease.model, lease.state, _mib(lease.bytes), str(lease.priority),
+                          lease.device or "-", f"{lease.idle_s:.0f}", escape(note))
+        console.print(table)
+    else:
+        console.print("no leases")
+    if st.estimates:
+        console.print("measured / estimated: " + ", ".join(f"{m} {r:.2f}" for m, r in st.estimates.items()))
+
+
+@app.command("models")
+def models(config: str = ConfigOpt, agent: Optional[str] = typer.Option(None, "--agent", help="The model manager "
+                                                                       "(default: the config's only one)."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """GGUF models of the model manager: state, placement, lease."""
+    from pipeline.messages import ModelsRequest
+
+    cfg = _load(config)
+    name = _agent_of_kind(cfg, "model_manager", agent)
+    reply = _ask(cfg, name, ModelsRequest())
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{name}: VRAM by {reply.gpu}", title_justify="left")
+    for col in ("model", "state", "placement", "estimate", "requests", "idle s", "path / error"):
+        table.add_column(col, justify="right" if col in ("estimate", "requests", "idle s") else "left")
+    for m in reply.models:
+        table.add_row(m.name, m.state, m.placement or "-", _mib(m.estimate_bytes), str(m.requests),
+                      "-" if m.idle_s is None else f"{m.idle_s:.0f}", escape(m.error or m.path))
     console.print(table)
 
 

@@ -42,6 +42,7 @@ from pipeline.rawstore import FetchRecord, RawMissing, RawStore
 from pipeline.urls import BadURL, host_of, normalize, origin_of
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+POP_PAUSE_S = 0.25   # every host's buffer was full: look at the frontier again after this (or when a fetch starts)
 PERMANENT_ERRORS = ("too_large", "invalid_body", "undecodable")   # delivering again cannot help
 FRAME_OVERHEAD = 64 << 10
 STORE_RETRY_S = 2.0
@@ -69,6 +70,18 @@ class CrawlSettings(AgentSettings):
     handoff_timeout_s: float = Field(60.0, gt=0, description="wait for an acknowledgement before delivering again")
     robots_retry_s: float = Field(30.0, gt=0, description="wait before asking again for an unreachable robots.txt")
     max_crawl_delay_s: float = Field(30.0, ge=0, description="ceiling on a site's Crawl-delay")
+    host_buffer: int = Field(4, ge=1, le=1024, description="URLs taken from the frontier ahead of time per host (at "
+                             "least 2 x per_host_concurrency), in priority order; the rest stay in the frontier, where "
+                             "new priorities still reorder them")
+
+
+def _insert_by_priority(queue: collections.deque, entry: Entry) -> None:
+    """Highest priority first, first come first among equals (the frontier's order)."""
+    for i, e in enumerate(queue):
+        if entry.priority > e.priority:
+            queue.insert(i, entry)
+            return
+    queue.append(entry)
 
 
 @dataclass
@@ -111,6 +124,7 @@ class CrawlCoordinator(Agent):
         self.fetcher: Fetcher | None = None
         self.hosts: dict[str, HostState] = {}
         self.buffered = 0
+        self.pop_after = 0.0        # monotonic: when to take URLs from the frontier again (POP_PAUSE_S)
         self.in_flight: dict[str, Entry] = {}
         self.handoff: collections.deque[tuple[Entry, FetchResult | None]] = collections.deque()
         self.handoff_sent: dict[str, Entry] = {}
@@ -195,17 +209,31 @@ class CrawlCoordinator(Agent):
         now = time.monotonic()
         backlog = len(self.handoff) + len(self.handoff_sent)
         room = min(max(4 * s.concurrency, 64) - self.buffered,
+                   max(s.host_buffer, 2 * s.per_host_concurrency) * (len(self.hosts) + 1),
                    s.max_pages - self.budget_used - self.buffered - len(self.in_flight))
-        if room > 0 and backlog < 4 * s.handoff_window:
+        if room > 0 and backlog < 4 * s.handoff_window and now >= self.pop_after:
             try:
                 popped = self.frontier.pop(room)
             except FrontierUnavailable as exc:
                 self.log.warning("frontier unavailable (%s); trying again in %.0f s", exc, STORE_RETRY_S)
                 self._wake_at(now + STORE_RETRY_S)
                 popped = []
+            back = []
+            cap = max(s.host_buffer, 2 * s.per_host_concurrency)
             for entry in popped:
-                self._host(entry.url).queue.append(entry)
+                hs = self._host(entry.url)
+                if len(hs.queue) >= cap:
+                    back.append(entry.url)
+                    continue
+                _insert_by_priority(hs.queue, entry)
                 self.buffered += 1
+            if back:   # their hosts have enough waiting: they wait in the frontier, in its (changing) order
+                try:
+                    self.frontier.release(back)
+                except FrontierUnavailable as exc:   # they stay leased; a restart requeues them
+                    self.log.warning("frontier unavailable (%s): %d URL(s) stay leased", exc, len(back))
+                self.pop_after = now + POP_PAUSE_S
+                self._wake_at(self.pop_after)
         wake = float("inf")
         for host, hs in self.hosts.items():
             if not hs.queue:
@@ -220,6 +248,7 @@ class CrawlCoordinator(Agent):
                     break
                 entry = hs.queue.popleft()
                 self.buffered -= 1
+                self.pop_after = 0.0     # room in a host's buffer: refill it at the next turn
                 if not hs.robots.can_fetch(entry.url, s.user_agent):
                     self._finish(entry, ok=False, error="disallowed by robots.txt", outcome="disallowed")
                     continue
@@ -491,6 +520,19 @@ class CrawlCoordinator(Agent):
         self.reactor.call_later(0, self._pump)
         return result
 
+    def _reprioritize_buffered(self, url: str, priority: float) -> bool:
+        """A URL taken from the frontier but not fetched yet: its new priority reorders its host's buffer."""
+        hs = self.hosts.get(host_of(url))
+        if hs is None:
+            return False
+        for entry in hs.queue:
+            if entry.url == url:
+                hs.queue.remove(entry)
+                entry.priority = float(priority)
+                _insert_by_priority(hs.queue, entry)
+                return True
+        return False
+
     @handles(Prioritize)
     def on_prioritize(self, msg: Prioritize, env: Envelope) -> PrioritizeResult:
         self._require_ready()
@@ -501,7 +543,7 @@ class CrawlCoordinator(Agent):
             except BadURL:
                 result.not_queued.append(raw)
                 continue
-            if self.frontier.set_priority(url, priority):
+            if self.frontier.set_priority(url, priority) or self._reprioritize_buffered(url, priority):
                 result.updated += 1
             else:
                 result.not_queued.append(raw)

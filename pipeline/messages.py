@@ -147,6 +147,7 @@ class TopicSummary(BaseModel):
     keywords: list[str]
     size: int
     mean_novelty: float
+    title: str = ""             # a readable title from a GGUF model (topic agent setting label_model; off by default)
 
 
 class TopicsReply(Message):
@@ -206,7 +207,7 @@ class CuriosityStatus(Message):
     updates: int = 0               # optimisation steps of the policy (restarts included)
     checkpointed_updates: int = 0  # the update count of the last checkpoint
     observed: int = 0              # fetched links whose outcome the policy learned from (this run)
-    pending: int = 0               # links scored and still waiting in the frontier, as far as the agent knows
+    pending: int = 0               # links scored whose outcome (a scored document, or a failure) is still to come
     prioritized: int = 0           # priorities sent to the coordinator (this run)
     mean_reward: float = 0.0       # over the last 100 observations
     mean_intrinsic: float = 0.0

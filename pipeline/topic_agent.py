@@ -37,7 +37,7 @@ from agents.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
 from network.rpc import MeshError
 from pipeline.docstore import Document, DocStore, Scores, StoreUnavailable, open_docstore
-from pipeline.messages import DocScored, DocStored, TopicsReply, TopicsRequest, TopicSummary
+from pipeline.messages import DocScored, DocStored, Generate, Generated, TopicsReply, TopicsRequest, TopicSummary
 
 
 class TopicSettings(AgentSettings):
@@ -57,6 +57,14 @@ class TopicSettings(AgentSettings):
     checkpoint_every: int = Field(500, ge=1, description="documents between checkpoints")
     checkpoint_s: float = Field(60.0, gt=0, description="seconds between checkpoints")
     source: str | None = Field("extractor", description="agent whose doc.stored events wake the topic model")
+    vram_optimizer: str | None = Field("auto", description="ask this VRAM optimizer before using a GPU (auto: the "
+                                       "config's one, if any; null: use the GPU unasked)")
+    vram_priority: int = Field(10, description="the embedding model's VRAM priority (a generative model's is 0)")
+    label_model: str | None = Field(None, description="a GGUF model of the model manager that writes readable topic "
+                                    "titles from the keywords (off by default)")
+    label_agent: str | None = Field(None, description="the model manager with label_model (default: the config's "
+                                    "only one)")
+    label_every_s: float = Field(30.0, gt=0, description="look for topics whose keywords changed this often")
 
 
 def _f16(v: np.ndarray) -> bytes:
@@ -99,6 +107,21 @@ class TopicModelAgent(Agent):
         self.lock = threading.Lock()       # the model objects: worker thread vs. requests on the reactor
         self.wake = threading.Event()
         self.stop = threading.Event()
+        self.label_agent = None
+        if s.label_model is not None:
+            self.label_agent = s.label_agent or next((a for a, spec in config.agents.items()
+                                                      if spec.kind == "model_manager"), None)
+            if self.label_agent not in config.agents:
+                from agents.config import ConfigError
+
+                raise ConfigError(config.source, [(f"agents.{name}.settings.label_agent", "no model manager to ask for "
+                                                   "topic titles", "add a model_manager agent, or name it")])
+        self.titles: dict[int, tuple[tuple, str]] = {}
+        self.labeling: int | None = None
+        self.vram = None                   # VramClient, when the GPU is used under a lease
+        self.lease = None
+        self.gpu_asked = False
+        self.device_change = None          # (device, lease) for the worker to apply between batches
         self.worker: threading.Thread | None = None
         self.worker_error: str | None = None
 
@@ -107,6 +130,39 @@ class TopicModelAgent(Agent):
     def setup(self) -> None:
         if self.settings.source is not None:
             self.subscribe(self.settings.source, DocStored.type_name, lambda *_: self.wake.set())
+        if self.label_agent is not None:
+            self.reactor.every(self.settings.label_every_s, self._label_topics, first=1.0)
+
+    # --- readable titles from a GGUF model (label_model) ----------------------------------------------
+
+    LABEL_PROMPT = ("Keywords of a group of web pages: {keywords}.\n"
+                    "A short title for the group, at most six words:")
+
+    def _label_topics(self) -> None:
+        """Asks the model manager for a title for each topic whose keywords changed since its last title, one
+        request at a time (the model serves one request at a time anyway)."""
+        if self.topics is None or self.labeling is not None:
+            return
+        with self.lock:
+            infos = self.topics.topics()
+        for t in infos:
+            keys = tuple(t.keywords[:8])
+            if keys and self.titles.get(t.id, ((), ""))[0] != keys:
+                self.labeling = t.id
+                msg = Generate(model=self.settings.label_model, prompt=self.LABEL_PROMPT.format(keywords=", ".join(keys)),
+                               max_tokens=16, temperature=0.0, stop=["\n"])
+                self.peer(self.label_agent).request(msg, lambda r, i=t.id, k=keys: self._titled(i, k, r),
+                                                    self._title_failed, timeout=120.0, retries=0)
+                return
+
+    def _titled(self, topic: int, keys: tuple, reply: Generated) -> None:
+        self.labeling = None
+        self.titles[topic] = (keys, " ".join(reply.text.split()).strip(" .\"'")[:120])
+        self.reactor.call_later(0, self._label_topics)
+
+    def _title_failed(self, exc: MeshError) -> None:
+        self.labeling = None
+        self.log.warning("no topic title from %s: %s", self.label_agent, exc.message)
 
     def on_ready(self) -> None:
         from pipeline.dedup import DuplicateIndex
@@ -115,7 +171,9 @@ class TopicModelAgent(Agent):
 
         s = self.settings
         started = time.monotonic()
-        self.embedder = Embedder(s.model, device=s.device, batch_size=s.batch_size, max_chunks=s.max_chunks)
+        lease_gpu = self._gpu_needs_lease()
+        self.embedder = Embedder(s.model, device="cpu" if lease_gpu else s.device, batch_size=s.batch_size,
+                                 max_chunks=s.max_chunks)
         self.store = open_docstore(self.config.store_url("documents"))
         self.dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._latest_checkpoint()
@@ -149,6 +207,69 @@ class TopicModelAgent(Agent):
                       replayed, len(self.topics.topics()))
         self.worker = threading.Thread(target=self._work, name="topic-model", daemon=True)
         self.worker.start()   # it looks every poll_s by itself; doc.stored events wake it sooner
+        if lease_gpu:
+            self._acquire_gpu()
+
+    # --- the GPU, under a VRAM lease ----------------------------------------------------------------
+
+    def _gpu_needs_lease(self) -> bool:
+        """A GPU is there for `device: auto` and a VRAM optimizer is in the mesh: start on the CPU and ask."""
+        if self.settings.device != "auto" or self.settings.vram_optimizer is None:
+            return False
+        import torch
+
+        from pipeline.vram_agent import VramClient
+
+        if not torch.cuda.is_available():
+            return False
+        self.vram = VramClient(self, self.settings.vram_optimizer)
+        return self.vram.optimizer is not None
+
+    def _acquire_gpu(self) -> None:
+        """Asks for the model's memory (pipeline/vram.py's estimate for its batch size); the worker moves the model
+        between batches: onto the granted GPU, and back to the CPU when the lease is revoked."""
+        from pipeline.vram import EstimateError, estimate_sentence_transformer
+
+        s = self.settings
+        try:
+            need = estimate_sentence_transformer(self.embedder.model_name, s.batch_size,
+                                                 self.embedder.max_seq_length).total
+        except EstimateError as exc:
+            self.log.warning("cannot size %s for the GPU (%s): staying on the CPU", s.model, exc)
+            return
+
+        def granted(lease) -> None:
+            if lease.device.startswith("cuda"):
+                self.device_change = (lease.device, lease)
+                self.wake.set()
+
+        def revoked(lease, why: str) -> None:
+            self.log.info("GPU lease revoked (%s): back to the CPU", why)
+            self.device_change = ("cpu", lease)
+            self.wake.set()
+
+        self.lease = self.vram.acquire(s.model, need, s.vram_priority, on_granted=granted, on_revoke=revoked,
+                                       on_denied=lambda lease: self.log.warning("no GPU for %s: %s; on the CPU",
+                                                                                s.model, lease.reason))
+        self.gpu_asked = False
+
+    def _apply_device(self) -> None:
+        """Worker thread, between batches: moves the model where the last grant or revoke said."""
+        change, self.device_change = self.device_change, None
+        if change is None:
+            return
+        device, lease = change
+        with self.lock:
+            self.embedder.set_device(device)
+        if device == "cpu":
+            import torch
+
+            torch.cuda.empty_cache()
+            lease.release()
+            self.lease = None
+        else:
+            lease.loaded()
+        self.log.info("embedding model now on %s", device)
 
     def _replay(self) -> int:
         """Feeds the documents scored after the checkpoint back into the index and the topic model from their
@@ -205,6 +326,7 @@ class TopicModelAgent(Agent):
             while not self.stop.is_set():
                 self.wake.wait(self.settings.poll_s)
                 self.wake.clear()
+                self._apply_device()
                 while not self.stop.is_set():
                     try:
                         docs = store.pending_topic(self.settings.batch_docs)
@@ -213,7 +335,14 @@ class TopicModelAgent(Agent):
                         break
                     if not docs:
                         break
+                    lease = self.lease
+                    if lease is not None and lease.granted:
+                        lease.touch()
+                    elif lease is None and self.vram is not None and not self.gpu_asked:
+                        self.gpu_asked = True     # work again after an idle revoke: ask for the GPU again
+                        self.reactor.call_soon_threadsafe(self._acquire_gpu)
                     events = self._process(store, docs)
+                    self._apply_device()
                     s = self.settings
                     if (self.since_checkpoint >= s.checkpoint_every
                             or time.monotonic() - self.last_checkpoint >= s.checkpoint_s):
@@ -337,6 +466,7 @@ class TopicModelAgent(Agent):
             counts = dict(self.counts)
             index = f"{self.index.kind}, {self.index.ntotal} vector(s)"
         return TopicsReply(topics=[TopicSummary(id=t.id, label=t.label, keywords=list(t.keywords), size=t.size,
+                                                title=self.titles.get(t.id, ((), ""))[1],
                                                 mean_novelty=round(t.mean_novelty, 6)) for t in infos[:msg.limit]],
                            total_topics=len(infos), documents=counts["documents"], duplicates=counts["duplicates"],
                            exact_duplicates=counts["exact_duplicates"], index=index, device=self.embedder.device)

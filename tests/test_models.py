@@ -4,6 +4,10 @@ under a lease; partial offload when the whole model does not fit, priority revoc
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -14,7 +18,7 @@ from pipeline.gguf import MiB, GgufError, GgufInfo, LlamaModel, estimate, kv_cac
 from pipeline.messages import Embed, Generate, Generated, ModelsRequest, Unload
 from pipeline.model_manager import vectors
 from pipeline.vram_agent import VramStatusRequest
-from tests.conftest import mesh_dict, wait_for
+from tests.conftest import ROOT, mesh_dict, wait_for
 
 OPTIMIZER = "pipeline.vram_agent:VramOptimizer"
 
@@ -75,7 +79,7 @@ def test_llama_generates_and_embeds(tiny):
 
 
 def models_config(model_path, *, total_mb: int | None = 1000, headroom_mb: int = 0, keep_alive_s=None,
-                  **models) -> dict:
+                  extra: dict | None = None, **models) -> dict:
     agents = {"models": {"kind": "model_manager", "depends_on": ["twin"],
                          "settings": {"models": models or {"tiny": {"path": str(model_path), "n_ctx": 4096}}}}}
     if total_mb is not None:
@@ -83,7 +87,7 @@ def models_config(model_path, *, total_mb: int | None = 1000, headroom_mb: int =
                           "settings": {"simulated": {"total_mb": total_mb, "name": "SimulatedGPU test card"},
                                        "headroom_mb": headroom_mb, "poll_s": 0.1, "keep_alive_s": keep_alive_s,
                                        "revoke_grace_s": 5.0}}
-    return mesh_dict(agents, request_timeout_s=5.0)
+    return mesh_dict({**agents, **(extra or {})}, request_timeout_s=5.0)
 
 
 def ask(cfg, agent, msg, timeout=30.0):
@@ -99,8 +103,13 @@ def leases(cfg):
     return {(lease.model, lease.state) for lease in ask(cfg, "vram", VramStatusRequest()).leases}
 
 
+def meshctl(path, *args):
+    return subprocess.run([sys.executable, "-m", "agents.cli", *args, "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_generate_under_a_lease_then_unload(tiny, write_config, run_agents):
-    _, cfg = write_config(models_config(tiny))
+    path, cfg = write_config(models_config(tiny))
     run_agents(cfg, "twin", "vram", "models")
     wait_for(lambda: ask(cfg, "models", ModelsRequest(), timeout=1.0), timeout=20, what="model manager up")
     assert model_state(cfg).state == "unloaded" and not leases(cfg)
@@ -116,6 +125,12 @@ def test_generate_under_a_lease_then_unload(tiny, write_config, run_agents):
     again = ask(cfg, "models", Generate(model="tiny", prompt="hello world", max_tokens=12, temperature=0.8, seed=3,
                                         ignore_eos=True))
     assert again.text == out.text               # seeded: the same text from the same loaded model
+    r = meshctl(path, "vram")
+    assert r.returncode == 0, r.stderr
+    assert "SimulatedGPU test card" in r.stdout and "tiny" in r.stdout and "granted" in r.stdout
+    r = meshctl(path, "models", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["models"][0]["state"] == "loaded"
 
     assert isinstance(ask(cfg, "models", Unload(model="tiny")), Ack)
     wait_for(lambda: not leases(cfg), timeout=10, what="the lease released")
@@ -183,3 +198,42 @@ def test_without_an_optimizer_and_embeddings(tiny, write_config, run_agents):
     st = model_state(cfg, "missing")
     assert st.state == "failed" and "no such file" in st.error
     assert model_state(cfg, "tiny").state == "loaded"
+
+
+SUBJECTS = {
+    "cooking": "Knead the bread dough for ten minutes, let it rise, then bake the loaf in a hot oven until golden. "
+               "Season the soup with salt, simmer the vegetables and stir in fresh herbs before serving dinner.",
+    "astronomy": "The telescope observed distant galaxies and the orbit of the planet around its star. Astronomers "
+                 "measured the redshift of the nebula and the brightness of the comet in the night sky.",
+    "sailing": "Trim the mainsail, ease the jib sheet and tack the boat into the wind. The sailors reefed the sails "
+               "when the gale rose, and the yacht reached the harbour before the storm.",
+}
+
+
+def test_readable_topic_titles_from_a_gguf_model(tiny, write_config, run_agents):
+    """The topic agent's label_model: titles from the model manager's GGUF model (here a random one, so the titles
+    are noise, but they are its output, per topic, and come back in topics.list)."""
+    from pipeline.docstore import Document, open_docstore
+    from pipeline.messages import TopicsRequest
+
+    topics = {"kind": "topic_model", "depends_on": ["twin"],
+              "settings": {"source": None, "poll_s": 0.2, "max_chunks": 1, "label_model": "tiny", "label_every_s": 0.5}}
+    _, cfg = write_config(models_config(tiny, total_mb=None, extra={"topics": topics},
+                                        tiny={"path": str(tiny), "n_ctx": 256}))
+    store = open_docstore(cfg.store_url("documents"))
+    for i, (subject, text) in enumerate(SUBJECTS.items()):
+        for j in range(2):
+            url = f"http://site.test/{subject}/{j}"
+            store.upsert(Document(url=url, final_url=url, content_hash=f"{i}{j}".ljust(64, "0"), fetched_at=1.0,
+                                  http_status=200, content_type="text/html", state="extracted",
+                                  text=text if j == 0 else text.replace(". ", f". Page {j}. ")))
+    store.close()
+    run_agents(cfg, "twin", "models", "topics")
+
+    def titled():
+        reply = ask(cfg, "topics", TopicsRequest(), timeout=2.0)
+        return reply if reply.topics and all(t.title for t in reply.topics) else None
+
+    reply = wait_for(titled, timeout=90, interval=0.5, what="every topic titled")
+    assert len(reply.topics) >= 2
+    assert model_state(cfg).requests >= len(reply.topics)
