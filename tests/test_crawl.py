@@ -268,3 +268,25 @@ def test_unreachable_host_fails_its_urls_and_the_crawl_goes_on(site, write_confi
         row = rows[f"{dead}{path}"]
         assert row["state"] == "failed" and row["error"].startswith("robots.txt unreachable: ConnectError"), row
     assert rows[site.url("/a/1.html")]["state"] == "done" and status.documents > 5
+
+
+def test_new_priorities_reorder_a_polite_crawl(write_config, run_agents):
+    """crawl.prioritize reaches URLs still in the frontier and URLs already taken into the host's buffer: on a
+    polite single-host crawl, the links given the highest priorities are fetched next, ahead of earlier links."""
+    from pipeline.messages import Prioritize
+
+    with Site(pages=12) as site:
+        _, cfg = write_config(crawl_config(site, max_depth=1, politeness_s=0.3, per_host_concurrency=1))
+        run_agents(cfg, "twin", "extractor", "crawler")
+        with client(cfg, "crawler", timeout=2.0) as c:
+            wait_for(lambda: c.request(CrawlStatusRequest()).seen >= 12, timeout=20, interval=0.02,
+                     what="the index's links in the frontier")
+            late = [site.url(f"/a/{i}.html") for i in (12, 11, 10)]
+            reply = c.request(Prioritize(priorities={u: 100.0 - i for i, u in enumerate(late)}))
+            assert reply.updated == 3 and not reply.not_queued
+            asked = len(site.requests)
+        wait_idle(cfg)
+    order = [h.path for h in site.requests[asked:] if h.path.startswith("/a/")]
+    # at most one fetch was already under way when the priorities came
+    assert order.index("/a/12.html") <= 1 and order.index("/a/11.html") <= 2 and order.index("/a/10.html") <= 3, order
+    assert order.index("/a/10.html") < order.index("/a/2.html")
