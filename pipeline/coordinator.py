@@ -42,7 +42,7 @@ from pipeline.rawstore import FetchRecord, RawMissing, RawStore
 from pipeline.urls import BadURL, host_of, normalize, origin_of
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-POP_PAUSE_S = 0.25   # every host's buffer was full: look at the frontier again after this (or when a fetch starts)
+POP_PAUSE_S = 1.0    # every host's buffer was full: take only what busy hosts have room for, for this long
 PERMANENT_ERRORS = ("too_large", "invalid_body", "undecodable")   # delivering again cannot help
 FRAME_OVERHEAD = 64 << 10
 STORE_RETRY_S = 2.0
@@ -208,10 +208,14 @@ class CrawlCoordinator(Agent):
         self._pump_handoff()
         now = time.monotonic()
         backlog = len(self.handoff) + len(self.handoff_sent)
-        room = min(max(4 * s.concurrency, 64) - self.buffered,
-                   max(s.host_buffer, 2 * s.per_host_concurrency) * (len(self.hosts) + 1),
+        cap = max(s.host_buffer, 2 * s.per_host_concurrency)
+        room = min(max(4 * s.concurrency, 64) - self.buffered, cap * (len(self.hosts) + 1),
                    s.max_pages - self.budget_used - self.buffered - len(self.in_flight))
-        if room > 0 and backlog < 4 * s.handoff_window and now >= self.pop_after:
+        if now < self.pop_after:
+            # the last look found every host's buffer full: until POP_PAUSE_S is over, take only what the
+            # hosts at work have room for (a look as wide as `room` finds other hosts' URLs)
+            room = min(room, sum(cap - len(hs.queue) for hs in self.hosts.values() if hs.queue or hs.active))
+        if room > 0 and backlog < 4 * s.handoff_window:
             try:
                 popped = self.frontier.pop(room)
             except FrontierUnavailable as exc:
@@ -219,7 +223,6 @@ class CrawlCoordinator(Agent):
                 self._wake_at(now + STORE_RETRY_S)
                 popped = []
             back = []
-            cap = max(s.host_buffer, 2 * s.per_host_concurrency)
             for entry in popped:
                 hs = self._host(entry.url)
                 if len(hs.queue) >= cap:
@@ -233,7 +236,6 @@ class CrawlCoordinator(Agent):
                 except FrontierUnavailable as exc:   # they stay leased; a restart requeues them
                     self.log.warning("frontier unavailable (%s): %d URL(s) stay leased", exc, len(back))
                 self.pop_after = now + POP_PAUSE_S
-                self._wake_at(self.pop_after)
         wake = float("inf")
         for host, hs in self.hosts.items():
             if not hs.queue:
@@ -248,7 +250,6 @@ class CrawlCoordinator(Agent):
                     break
                 entry = hs.queue.popleft()
                 self.buffered -= 1
-                self.pop_after = 0.0     # room in a host's buffer: refill it at the next turn
                 if not hs.robots.can_fetch(entry.url, s.user_agent):
                     self._finish(entry, ok=False, error="disallowed by robots.txt", outcome="disallowed")
                     continue
