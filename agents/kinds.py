@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "crawl_coordinator": "pipeline.coordinator:CrawlCoordinator",
     "extractor": "pipeline.extractor:Extractor",
     "topic_model": "pipeline.topic_agent:TopicModelAgent",
+    "curiosity": "pipeline.curiosity_agent:CuriosityAgent",
     "vram_optimizer": "pipeline.vram_agent:VramOptimizer",
     "model_manager": "pipeline.model_manager:ModelManager",
 }

@@ -120,7 +120,7 @@ def test_kube_yaml_is_played_by_podman(env, tmp_path):
         assert play.returncode == 0, play.stderr
         wait_for(lambda: fetch_status(cfg, timeout=1).mesh_state == "ready", timeout=60, what="agents ready under kube play")
         placed = {a.agent: a.pid for a in fetch_status(cfg).agents}
-        assert set(placed) == set(cfg.agents) == {"twin", "echo", "crawler", "extractor", "topics", "vram"}
+        assert set(placed) == set(cfg.agents) == {"twin", "echo", "crawler", "extractor", "topics", "curiosity", "vram"}
     finally:
         down = podman(env, "kube", "down", str(path))
         podman(env, "volume", "rm", "--force", "mesh-local-data")
