@@ -164,3 +164,26 @@ def mesh_up():
     yield start
     for m in started:
         m.stop()
+
+
+PYDOC = Path("/usr/share/doc/python3/html")
+
+
+@pytest.fixture(scope="module")
+def pydoc_site():
+    """Debian's python3-doc (about 530 HTML pages) served by `python -m http.server` on loopback: its base URL."""
+    from tests.services import missing
+
+    if not (PYDOC / "index.html").exists():
+        missing("the python3-doc package is not installed (apt-get install python3-doc)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(PYDOC),
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.5).close() or True, what="http.server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

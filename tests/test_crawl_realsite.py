@@ -3,10 +3,8 @@ crawled by `meshctl up --seeds`, then `meshctl export` to Parquet: the README's 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,27 +13,8 @@ from agents.control import client
 from pipeline.docstore import open_docstore
 from pipeline.messages import CrawlStatusRequest
 from tests.conftest import ROOT, mesh_dict, wait_for
-from tests.services import missing
 
-PYDOC = Path("/usr/share/doc/python3/html")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pydoc_site():
-    if not (PYDOC / "index.html").exists():
-        missing("the python3-doc package is not installed (apt-get install python3-doc)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(PYDOC),
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.5).close() or True, what="http.server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_meshctl_up_seeds_then_export_on_python_docs(pydoc_site, write_config, mesh_up, tmp_path):

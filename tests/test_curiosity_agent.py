@@ -8,11 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,11 +17,9 @@ from network.messages import Ping
 from pipeline.docstore import open_docstore
 from pipeline.messages import CacheGet, CrawlStatusRequest, CuriosityStatusRequest
 from tests.conftest import mesh_dict, wait_for
-from tests.services import missing
 from tests.site import Site
 from tests.test_crawl import FAST, frontier_rows
 
-PYDOC = Path("/usr/share/doc/python3/html")
 
 
 def pipeline_config(seed: str, *, crawler: dict | None = None, curiosity: dict | None = None) -> dict:
@@ -88,23 +82,6 @@ def test_steers_the_crawl_learns_and_keeps_the_cache_in_budget(write_config, run
         assert not ask(cfg, "curiosity", CacheGet(url="http://nowhere.invalid/")).found
         after = ask(cfg, "curiosity", CuriosityStatusRequest()).cache
         assert after.items <= 5 and after.misses >= len(extracted) - 5 - 1
-
-
-@pytest.fixture(scope="module")
-def pydoc_site():
-    if not (PYDOC / "index.html").exists():
-        missing("the python3-doc package is not installed (apt-get install python3-doc)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(PYDOC),
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.5).close() or True, what="http.server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.mark.slow
