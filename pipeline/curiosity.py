@@ -86,6 +86,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.files import atomic_write_bytes
+
 FORMAT = "agent-mesh/curiosity"
 FORMAT_VERSION = 2   # 2: the replay buffer keeps novelty and duplicate flags, not a weighted reward
 SHAPE_FIELDS = ("embedding_dim", "hidden", "feature_dim", "url_buckets", "host_buckets", "topic_slots")
@@ -538,17 +540,7 @@ class CuriosityPolicy:
         }
         buf = io.BytesIO()
         torch.save(state, buf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, buf.getbuffer())
 
     @classmethod
     def load(cls, path: Path, params: CuriosityParams,

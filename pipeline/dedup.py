@@ -17,25 +17,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from pipeline.files import atomic_write
+
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
-
-def _atomic_write(path: Path, write) -> None:
-    """Calls write(tmp) on a temp file in path's directory, then renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class DuplicateIndex:
@@ -170,8 +157,8 @@ class DuplicateIndex:
         path = Path(path)
         meta = {"dim": self.dim, "threshold": self.threshold, "kind": self._kind, "hnsw_above": self.hnsw_above,
                 "hnsw_m": self.hnsw_m, "ef_search": self.ef_search, "ntotal": self.ntotal}
-        _atomic_write(path, lambda tmp: faiss.write_index(self._index, tmp))
-        _atomic_write(_meta_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(path, lambda tmp: faiss.write_index(self._index, tmp))
+        atomic_write(_meta_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
     @classmethod
     def load(cls, path: Path, *, threshold: float | None = None) -> DuplicateIndex:

@@ -72,6 +72,8 @@ import numpy as np
 from scipy.spatial.distance import jensenshannon
 from sklearn.feature_extraction.text import CountVectorizer
 
+from pipeline.files import atomic_write_bytes
+
 FORMAT = "agent-mesh/online-topics"
 FORMAT_VERSION = 1
 TOKEN_PATTERN = r"(?u)\b[^\W\d_]\w{2,29}\b"   # a letter, then 2..29 word characters; longer runs (hashes) are not words
@@ -397,16 +399,7 @@ class OnlineTopics:
         }
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, buf.getbuffer())
 
     @classmethod
     def load(cls, path: Path) -> OnlineTopics:
