@@ -73,7 +73,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

@@ -9,8 +9,6 @@ search) when an add takes it to `hnsw_above` vectors; `save` writes it atomicall
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 

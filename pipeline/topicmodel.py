@@ -62,7 +62,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
