@@ -19,9 +19,15 @@ class EchoSettings(AgentSettings):
 class EchoAgent(Agent):
     kind = "echo"
     Settings = EchoSettings
+    echoed = 0
+
+    def gauges(self) -> dict[str, float]:
+        """Sent with every heartbeat; the dashboard shows them."""
+        return {"echoed": self.echoed}
 
     @handles(Echo)
     def echo(self, msg: Echo, env: Envelope) -> Echo:
+        self.echoed += 1
         if self.settings.publish:
             self.publish(msg, topic=f"echo.{msg.seq}")
         return msg

@@ -120,6 +120,11 @@ class Agent:
     def on_drain(self) -> None:
         """SIGTERM: finish or hand back in-flight work before the agent deregisters."""
 
+    def gauges(self) -> dict[str, float]:
+        """The kind's own figures, sent with every heartbeat for the twin's dashboard (frontier size,
+        pages extracted, GPU MiB ...): at most 64, cheap to compute (it runs once a heartbeat)."""
+        return {}
+
     # --- services for kinds ------------------------------------------------------------------
 
     def publish(self, message: Message, topic: str | None = None) -> None:
@@ -288,7 +293,7 @@ class Agent:
         else:
             msg = Heartbeat(agent=self.name, instance=self.instance, state=self.state, detail=self.detail,
                             stats=AgentStats(messages_in=self.metrics.messages_in, messages_out=self.metrics.messages_out,
-                                             errors=self.metrics.errors))
+                                             errors=self.metrics.errors, gauges=self._gauges()))
             on_reply, period = self._on_heartbeat_ack, interval
         self._twin_inflight = True
         self._twin_next = now + period
@@ -311,6 +316,16 @@ class Agent:
             self._schedule_twin()
 
         self.twin.request(msg, replied, failed, timeout=min(interval, self.config.mesh.request_timeout_s), retries=0)
+
+    def _gauges(self) -> dict[str, float]:
+        try:
+            found = self.gauges() if self.state in READY_STATES else {}
+            return {str(k)[:64]: float(v) for k, v in list(found.items())[:64] if v is not None}
+        except Exception as exc:  # a broken figure must not stop the heartbeat
+            if not getattr(self, "_gauges_failed", False):
+                self.log.exception("gauges() failed (%s); heartbeats go on without them", exc)
+                self._gauges_failed = True
+            return {}
 
     def _on_registered(self, reply: Registered) -> None:
         self._registered = True

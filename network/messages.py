@@ -116,6 +116,9 @@ class AgentStats(BaseModel):
     messages_in: int = 0
     messages_out: int = 0
     errors: int = 0
+    # The agent's own figures (frontier size, pages extracted, GPU MiB ...), for the dashboard:
+    # at most 64 of them.
+    gauges: dict[str, float] = Field(default_factory=dict, max_length=64)
 
 
 class Register(Message):
@@ -230,6 +233,28 @@ class HostChanged(Message):
     previous: HostState
     state: HostState
     reason: str = ""
+
+
+class AlertKind(StrEnum):
+    AGENT_DEAD = "agent_dead"
+    AGENT_FLAPPING = "agent_flapping"
+    AGENT_RECOVERED = "agent_recovered"
+    HOST_UNREACHABLE = "host_unreachable"
+    HOST_RECOVERED = "host_recovered"
+
+
+class Alert(Message):
+    """Published by the twin on topic `twin.alert` when an agent dies, flaps (restarts or dies
+    `flap_count` times within `flap_window_s`), or a host becomes unreachable, and when each recovers.
+    `at` is the twin's wall-clock time (seconds since the epoch)."""
+
+    type_name: ClassVar[str] = "twin.alert"
+    kind: AlertKind
+    severity: str = "critical"   # critical | warning | info
+    agent: str = ""
+    host: str = ""
+    message: str = ""
+    at: float = 0.0
 
 
 class StateChanged(Message):

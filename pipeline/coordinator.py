@@ -488,6 +488,12 @@ class CrawlCoordinator(Agent):
         if self.frontier is None:
             raise MeshError("unavailable", f"crawl coordinator {self.name!r} is not ready yet")
 
+    def gauges(self) -> dict[str, float]:
+        st = self.frontier.stats()
+        return {"frontier_queued": st["queued"], "frontier_seen": st["seen"], "fetched": self.pages,
+                "failed": st["failed"], "documents": self.documents, "in_flight": len(self.in_flight),
+                "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts)}
+
     @handles(CrawlStatusRequest)
     def on_status(self, msg: CrawlStatusRequest, env: Envelope) -> CrawlStatus:
         self._require_ready()

@@ -160,6 +160,18 @@ class CuriosityAgent(Agent):
         elif event.outcome != "retry":
             self.jobs.put(("left", event.url))    # out of the queue; its outcome comes with doc.scored
 
+    def gauges(self) -> dict[str, float]:
+        out: dict[str, float] = dict(self.counts)
+        if self.policy is not None:
+            out["updates"] = self.policy.updates
+        try:
+            st = self.cache.stats() if self.cache is not None else None
+        except HotCacheUnavailable:
+            st = None
+        if st is not None:
+            out.update(cache_items=st.items, cache_bytes=st.bytes, cache_evictions=sum(st.evictions.values()))
+        return out
+
     @handles(CuriosityStatusRequest)
     def on_status(self, msg: CuriosityStatusRequest, env: Envelope) -> CuriosityStatus:
         if self.policy is None:

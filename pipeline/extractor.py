@@ -126,6 +126,9 @@ class Extractor(Agent):
                                  outlinks=[Link(**link) for link in out.outlinks]))
         self.publish(DocStored(url=msg.url, document_id=doc_id, state=out.state, outcome=outcome), topic="doc.stored")
 
+    def gauges(self) -> dict[str, float]:
+        return dict(self.stats)
+
     def on_drain(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)  # unacknowledged pages are delivered again

@@ -22,6 +22,7 @@ vectors, so a restart neither re-embeds stored documents nor forgets what was se
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -104,6 +105,7 @@ class TopicModelAgent(Agent):
         self.since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.counts = {"documents": 0, "duplicates": 0, "exact_duplicates": 0, "embedded": 0, "replayed": 0}
+        self.recent_novelty: collections.deque[float] = collections.deque(maxlen=200)  # for the dashboard
         self.lock = threading.Lock()       # the model objects: worker thread vs. requests on the reactor
         self.wake = threading.Event()
         self.stop = threading.Event()
@@ -411,6 +413,7 @@ class TopicModelAgent(Agent):
             original = Original(doc.url, eid, sc.topic, sc.label)
             self.by_eid[eid] = original
             self.by_hash[doc.content_hash] = original
+            self.recent_novelty.append(float(sc.novelty))
             scores.append(Scores(document_id=doc.id, embedding_id=eid, topic=sc.topic, novelty=sc.novelty,
                                  novelty_kl=sc.novelty_kl, topic_label=sc.label, topic_weights=sc.weights))
             events.append(DocScored(url=doc.url, document_id=doc.id, topic=sc.topic, label=sc.label,
@@ -456,6 +459,19 @@ class TopicModelAgent(Agent):
                       self.index.kind)
 
     # --- requests ---------------------------------------------------------------------------------
+
+    def gauges(self) -> dict[str, float]:
+        """Counts, topics, and the novelty of the last 200 non-duplicate documents (p10, p50, p90)."""
+        out: dict[str, float] = dict(self.counts)
+        topics = self.topics
+        if topics is not None:
+            out["topics"] = topics.n_topics
+        recent = list(self.recent_novelty)
+        if recent:
+            p10, p50, p90 = np.percentile(recent, [10, 50, 90])
+            out.update(novelty_p10=round(float(p10), 4), novelty_p50=round(float(p50), 4),
+                       novelty_p90=round(float(p90), 4))
+        return out
 
     @handles(TopicsRequest)
     def on_topics(self, msg: TopicsRequest, env: Envelope) -> TopicsReply:

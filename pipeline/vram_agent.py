@@ -304,6 +304,25 @@ class VramOptimizer(Agent):
             self._measure(lease)
         return VramLeaseState(lease=self._info(lease))
 
+    def gauges(self) -> dict[str, float]:
+        """Per GPU: total, used, leased MiB; per holder: leased MiB (`lease_mb:<agent>`); waiting requests."""
+        out: dict[str, float] = {}
+        p = getattr(self, "policy", None)
+        if p is None:
+            return out
+        for r in self.readings[:8]:
+            out[f"gpu{r.index}_total_mb"] = r.total >> 20
+            out[f"gpu{r.index}_used_mb"] = r.used >> 20
+            out[f"gpu{r.index}_leased_mb"] = p.leased(r.index) >> 20
+        held: dict[str, int] = {}
+        for lease in p.leases.values():
+            if lease.state != WAITING:
+                held[lease.agent] = held.get(lease.agent, 0) + lease.bytes
+        for agent, n in sorted(held.items())[:32]:
+            out[f"lease_mb:{agent}"] = n >> 20
+        out["waiting"] = len(p.queue())
+        return out
+
     @handles(VramStatusRequest)
     def status(self, msg: VramStatusRequest, env: Envelope) -> VramStatus:
         p = self.policy

@@ -6,7 +6,7 @@ from agents.kinds import BUILTIN, module_of
 
 from agents.probe import ProbeCounts, ProbeReport, ProbeWatch
 from network.messages import (
-    Ack, HostChanged, HostStatus, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
+    Ack, Alert, HostChanged, HostStatus, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
     Registered, StateChanged, StatusReply, StatusRequest, WaitReady,
 )
 
@@ -49,6 +49,7 @@ SAMPLES = {m.type_name: m for m in [
     ProbeReport(agent="a"),
     ProbeCounts(agent="a", received=3, last_seq=7),
     StateChanged(agent="a", host="h", previous="waiting", state="ready", restarts=0, reason="heartbeat"),
+    Alert(kind="agent_dead", agent="a", host="h", message="a: no heartbeat for 3.1s", at=1764441600.0),
     CrawlStatusRequest(),
     CrawlStatus(queued=3, leased=1, fetched=2, done=10, failed=1, seen=17, pages=12, in_flight=1, handoff_in_flight=2,
                 documents=9, budget_left=100, idle=False, hosts=1),

@@ -11,6 +11,7 @@ import re
 import signal
 import sqlite3
 
+import httpx
 import pytest
 
 from agents.control import client
@@ -112,6 +113,13 @@ def test_crawl_of_a_local_site(site, write_config, run_agents):
         stored = {d.url for d in docs.documents()}
         assert stored == expected
         assert docs.count() == len(stored) == status.documents
+        # the twin's dashboard shows the same figures (heartbeat gauges)
+        board = f"http://127.0.0.1:{cfg.mesh.base_port + 80}/api/state"
+        extracted = sum(d.state == "extracted" for d in docs.documents())
+        want = {"stored": status.documents, "extracted": extracted, "fetched": status.pages, "frontier": 0,
+                "failed": status.failed}
+        wait_for(lambda: {k: httpx.get(board).json()["pipeline"].get(k) for k in want} == want, timeout=10,
+                 what=f"the crawl's figures on the dashboard: {want}")
     finally:
         docs.close()
 

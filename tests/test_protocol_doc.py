@@ -12,7 +12,7 @@ import zmq
 from agents.control import client
 from network.codec import encode
 from agents.probe import ProbeReport, ProbeWatch
-from network.messages import REGISTRY, Ack, Echo, Error, HostChanged, StateChanged
+from network.messages import REGISTRY, Ack, Alert, Echo, Error, HostChanged, StateChanged
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
 from network.rpc import MeshError
@@ -52,7 +52,7 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
         with client(cfg, "twin", timeout=2) as twin, client(cfg, "echo", timeout=2) as echo:
             wait_for(lambda: echo.request(SAMPLES["mesh.ping"]).state == "ready", what="echo ready")
             time.sleep(0.3)  # let the subscriber join before the far host's first agent registers
-            run_agents(cfg, "probe")
+            [probe_agent] = run_agents(cfg, "probe")
             with client(cfg, "probe", timeout=2) as probe:
                 wait_for(lambda: probe.request(SAMPLES["mesh.ping"]).state == "ready", what="probe ready")
                 seen["probe.watch"] = probe.request(ProbeWatch(agent="echo", topic="echo.")).type_name
@@ -89,8 +89,14 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
             raw = echo.send_raw([encode(SAMPLES["mesh.ping"], sender="t")[1][:-2]])
             assert raw is not None and b"mesh.error" in raw
         wait_for(lambda: (sub.on_readable(), any(isinstance(e, StateChanged) for e in events))[1], what="twin.state")
+        # the far host's only agent falls silent (no deregistration): the twin alerts
+        probe_agent.agent.reactor.call_soon_threadsafe(
+            lambda: (setattr(probe_agent.agent, "_registered", False), probe_agent.agent._stop_requested.set()))
+        alert = wait_for(lambda: (sub.on_readable(), next((e for e in events if isinstance(e, Alert)), None))[1],
+                         what="twin.alert")
+        assert alert.kind == "host_unreachable" and alert.host == "far"
         host_events = [e for e in events if isinstance(e, HostChanged)]
-        assert [(e.host, e.state) for e in host_events] == [("far", "reachable")]
+        assert [(e.host, e.state) for e in host_events] == [("far", "reachable"), ("far", "unreachable")]
         wait_for(lambda: (sub.on_readable(), any(e.type_name == "mesh.echo" for e in events))[1], what="echo event")
     finally:
         sub.close()
@@ -100,7 +106,7 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
         if name in ("mesh.error",):
             continue
         assert answers[name].startswith(reply), (name, reply, answers[name])
-    exercised = set(seen) | {REGISTRY[r].type_name for r in seen.values() if r in REGISTRY} | {"twin.state", "twin.host"}
+    exercised = set(seen) | {REGISTRY[r].type_name for r in seen.values() if r in REGISTRY} | {"twin.state", "twin.host", "twin.alert"}
     runtime = {name for name in shipped() if REGISTRY[name].__module__.split(".")[0] != "pipeline"}
     assert exercised >= runtime - {Ack.type_name, Error.type_name} | {"mesh.error"}   # pipeline types: test_crawl.py
     assert Ack.type_name in seen.values()

@@ -101,6 +101,12 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     assert all(t.keywords and t.label for t in listing.topics)
     assert {e.url for e in ctx_events} >= set(urls[-10:])
     store.close()
+    import httpx   # the twin's dashboard: documents, duplicates, topics, the novelty spread
+    board = f"http://127.0.0.1:{cfg.mesh.base_port + 80}/api/state"
+    pipe = wait_for(lambda: (p := httpx.get(board).json()["pipeline"]).get("scored") == 43 and p, timeout=10,
+                    what="the topic figures on the dashboard")
+    assert pipe["duplicates"] == 1 and pipe["exact_duplicates"] == 2 and pipe["topics"] == listing.total_topics
+    assert 0.0 <= pipe["novelty_p10"] <= pipe["novelty_p50"] <= pipe["novelty_p90"] <= 1.0
     import subprocess
     import sys
 

@@ -197,6 +197,11 @@ def test_client_helper_loads_unloads_when_revoked_and_releases(write_config, run
         st = wait_for(lambda: (s := status(c)).leases and s, what="the lease listed")
         [lease] = st.leases
         assert (lease.agent, lease.model, lease.priority, lease.bytes) == ("holder", "topic-model", 1, 600 * MIB)
+        import httpx   # the twin's dashboard shows the GPU and the lease (the optimizer's heartbeat gauges)
+        board = f"http://127.0.0.1:{cfg.mesh.base_port + 80}/api/state"
+        gpu = wait_for(lambda: (g := httpx.get(board).json()["gpu"])["leases"] and g, what="the lease on the dashboard")
+        assert gpu["agent"] == "vram" and gpu["leases"] == {"holder": 600} and gpu["waiting"] == 0
+        assert gpu["gpus"] == [{"index": 0, "total_mb": 1000, "used_mb": gpu["gpus"][0]["used_mb"], "leased_mb": 600}]
         urgent = c.request(VramAcquire(agent="x", model="llm", bytes=800 * MIB, priority=9))
         assert urgent.status == "wait"
         # the holder is told, unloads and releases; the urgent request is granted
