@@ -17,6 +17,9 @@ usage: podman_build.sh COMMAND [ARGS]
   status HOST                        groups, containers, health, ports
   logs [-f] GROUP|AGENT...           agents' logs, prefixed by container and agent
   kube HOST [--no-gpu]               Kubernetes YAML for HOST's groups, for podman kube play
+  monitoring HOST [--port 9090] [--grafana] [--down]
+                                     Prometheus (image built from the base image with Debian's package)
+                                     scraping every agent, with the alert rules; Grafana if its image is here
   plan HOST                          start-up order of HOST's agents
 
 Environment: MESH_PODMAN_OPTS (global podman options, e.g. "--runtime runc"),
@@ -34,6 +37,6 @@ case "$cmd" in
     plan)
         [ $# -eq 2 ] && [ "$2" != "--help" ] || { echo "usage: podman_build.sh plan HOST" >&2; exit 2; }
         exec "$py" -m agents.cli plan --config "config/$2.yaml" ;;
-    base|build|deploy|down|status|logs|kube) exec "$py" -m agents.deploy "$@" ;;
+    base|build|deploy|down|status|logs|kube|monitoring) exec "$py" -m agents.deploy "$@" ;;
     *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

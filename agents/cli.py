@@ -189,6 +189,30 @@ def check(config: str = ConfigOpt) -> None:
     console.print(f"{config}: ok ({len(cfg.hosts)} host(s), {len(cfg.groups)} group(s), {len(cfg.agents)} agent(s))")
 
 
+@app.command("prometheus-config")
+def prometheus_config(config: str = ConfigOpt,
+                      out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (default: stdout)."),
+                      no_env: bool = typer.Option(False, "--no-env", help="Ignore the environment: every ${VAR:-x} "
+                                                  "takes its default (how the shipped file is made)."),
+                      interval: str = typer.Option("15s", "--scrape-interval",
+                                                   help="Prometheus scrape interval.")) -> None:
+    """Prometheus scrape config: one target per agent (host address, metrics port), labelled agent/host/group/kind."""
+    from agents.monitoring import render
+
+    try:
+        cfg = load_config(config, environ={} if no_env else None)
+    except ConfigError as exc:
+        err.print(f"[bold red]config error[/]\n{escape(str(exc))}")
+        raise typer.Exit(2) from None
+    text = render(cfg, no_env=no_env, scrape_interval=interval)
+    if out is None:
+        print(text, end="")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    err.print(f"{len(cfg.agents)} target(s) -> {out}")
+
+
 @app.command()
 def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show (default: every agent in the config)."),
          config: str = ConfigOpt, follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),

@@ -5,6 +5,7 @@
     python -m agents.deploy down HOST [--volumes]
     python -m agents.deploy status HOST
     python -m agents.deploy logs [-f] NAME...
+    python -m agents.deploy monitoring HOST [--port 9090] [--grafana] [--down]
 
 Every group runs the one image with `meshctl up --host HOST --only <its agents>` on the host's
 network, with its data on the named volume `mesh-HOST-data` and the keys directory mounted
@@ -201,7 +202,9 @@ def group_specs(cfg: MeshConfig, host: str, *, no_gpu: bool) -> list[GroupSpec]:
     specs = []
     for group in group_order(cfg, host):
         agents = cfg.groups[group].agents
-        env = {"MESH_CONFIG": f"config/{host}.yaml", "MESH_AGENTS": " ".join(agents), **_config_env()}
+        env = {"MESH_CONFIG": f"config/{host}.yaml", "MESH_AGENTS": " ".join(agents),
+               "MESH_LOG_STDERR": "1",   # agents' JSON lines in `podman logs` too, not only in /data/logs
+               **_config_env()}
         command = ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
         specs.append(GroupSpec(host=host, group=group, agents=agents, env=env, command=command,
                                keys=keys if keys.exists() else None, gpu=bool(_gpu_args(cfg, group, no_gpu))))
@@ -388,6 +391,140 @@ def _env_of(container: str, var: str) -> str:
     return next((e.split("=", 1)[1] for e in env if e.startswith(f"{var}=")), "config/local.yaml")
 
 
+# --- monitoring ----------------------------------------------------------------------------------
+
+MONITORING_IMAGE = os.environ.get("MESH_MONITORING_IMAGE", "localhost/mesh-prometheus:latest")
+GRAFANA_IMAGE = os.environ.get("MESH_GRAFANA_IMAGE", "docker.io/grafana/grafana:latest")
+MESH_BASE = "localhost/mesh-base:bookworm"
+
+
+def monitoring_name(host: str, what: str = "prometheus") -> str:
+    return f"mesh-{host}-{what}"
+
+
+def build_monitoring(base: str = MESH_BASE) -> None:
+    """Builds MONITORING_IMAGE: Debian's prometheus package on `base` (containers/monitoring/Containerfile)."""
+    if podman("image", "exists", base, check=False).returncode != 0:
+        raise DeployError(f"base image {base} not found: make it with `podman_build.sh base` (or pass --base IMAGE, "
+                          "a Debian image whose apt reaches a mirror)")
+    say(f"building {MONITORING_IMAGE} from {base} (apt-get install prometheus)")
+    r = podman("build", "--format", "docker", "--file", str(ROOT / "containers" / "monitoring" / "Containerfile"),
+               "--build-arg", f"BASE_IMAGE={base}", "--tag", MONITORING_IMAGE, str(ROOT / "containers" / "monitoring"),
+               capture=False, check=False, timeout=1800)
+    if r.returncode != 0:
+        raise DeployError("podman build of the Prometheus image failed (can the build reach the Debian mirror in "
+                          "the base image's /etc/apt/sources.list?)")
+    say(f"built {MONITORING_IMAGE}")
+
+
+def monitoring_files(host: str, out: Path) -> Path:
+    """Writes the scrape config of HOST's config (this environment's addresses) and the shipped rules.yml
+    into `out`, the folder mounted into the Prometheus container; returns the config's path."""
+    from agents.monitoring import SHIPPED_RULES, render
+
+    cfg = _config(host)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rules.yml").write_text(SHIPPED_RULES.read_text())
+    path = out / "prometheus.yml"
+    path.write_text(render(cfg, source=f"config/{host}.yaml"))
+    return path
+
+
+def _http_json(url: str, timeout: float = 2.0) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def monitoring(host: str, *, port: int = 9090, retention: str = "15d", base: str = MESH_BASE, rebuild: bool = False,
+               grafana: bool = False, grafana_port: int = 3000, timeout: float = 60.0) -> None:
+    """Runs Prometheus (container mesh-HOST-prometheus, host network, port `port`) scraping every agent of
+    the mesh, with the alert rules; with `grafana`, Grafana too when its image is present here."""
+    files = Path(os.environ.get("MESH_MONITORING_DIR") or ROOT / "data" / "monitoring").resolve() / host
+    config = monitoring_files(host, files)
+    if rebuild or podman("image", "exists", MONITORING_IMAGE, check=False).returncode != 0:
+        build_monitoring(base)
+    image_id = podman("image", "inspect", MONITORING_IMAGE, "--format", "{{.Id}}").stdout.strip()
+    name = monitoring_name(host)
+    args = ["--network", "host", "--restart", "always", "--label", f"mesh.host={host}",
+            "--label", "mesh.role=monitoring",
+            "--volume", f"{files}:/etc/mesh-prometheus:ro", "--volume", f"mesh-{host}-prometheus:/prometheus:U",
+            *shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))]
+    command = ["--config.file=/etc/mesh-prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus",
+               f"--storage.tsdb.retention.time={retention}", f"--web.listen-address=:{port}", "--web.enable-lifecycle"]
+    digest = hashlib.sha256(json.dumps([image_id, config.read_text(), (files / "rules.yml").read_text(), args,
+                                        command]).encode()).hexdigest()[:16]
+    current = _existing(name)
+    if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
+        say(f"monitoring: unchanged, {name} keeps running")
+    else:
+        if current:
+            say(f"monitoring: changed, replacing {name}")
+            podman("rm", "--force", "--time", "10", name)
+        podman("run", "--detach", "--name", name, "--label", f"mesh.hash={digest}", *args, MONITORING_IMAGE, *command)
+        say(f"monitoring: started {name} (config {config}, rules rules.yml beside it)")
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            targets = _http_json(f"{base_url}/api/v1/targets?state=active")["data"]["activeTargets"]
+            if targets and all(t["health"] != "unknown" for t in targets):
+                break
+        except OSError:
+            targets = []
+        if time.monotonic() > deadline:
+            raise DeployError(f"Prometheus in {name} is not answering at {base_url} after {timeout:.0f}s: "
+                              f"see `podman logs {name}`")
+        time.sleep(1.0)
+    up = [t for t in targets if t["health"] == "up"]
+    say(f"monitoring: Prometheus at {base_url}, {len(up)}/{len(targets)} target(s) up")
+    for t in targets:
+        if t["health"] != "up":
+            say(f"  down: {t['labels'].get('agent')} at {t['scrapeUrl']}: {t.get('lastError', '')}")
+    if grafana:
+        _grafana(host, files, prometheus_url=base_url, port=grafana_port)
+
+
+def _grafana(host: str, files: Path, *, prometheus_url: str, port: int) -> None:
+    """Grafana with the dashboard and a Prometheus data source provisioned, if its image is here."""
+    from agents.monitoring import SHIPPED_DASHBOARD
+
+    if podman("image", "exists", GRAFANA_IMAGE, check=False).returncode != 0:
+        say(f"grafana: skipped: image {GRAFANA_IMAGE} is not present on this machine (no registry pull here). "
+            f"Import {SHIPPED_DASHBOARD.relative_to(ROOT)} into your Grafana (docs/OPERATIONS.md, \"Monitoring\"), "
+            "or `podman load` the image and run this again (MESH_GRAFANA_IMAGE names another one)")
+        return
+    prov = files / "grafana"
+    (prov / "datasources").mkdir(parents=True, exist_ok=True)
+    (prov / "dashboards").mkdir(parents=True, exist_ok=True)
+    (prov / "datasources" / "mesh.yaml").write_text(json.dumps({"apiVersion": 1, "datasources": [{
+        "name": "Prometheus", "type": "prometheus", "uid": "mesh-prometheus", "access": "proxy",
+        "url": prometheus_url, "isDefault": True}]}, indent=2))
+    (prov / "dashboards" / "mesh.yaml").write_text(json.dumps({"apiVersion": 1, "providers": [{
+        "name": "agent-mesh", "type": "file", "options": {"path": "/etc/grafana/provisioning/dashboards"}}]}, indent=2))
+    shutil.copy2(SHIPPED_DASHBOARD, prov / "dashboards" / SHIPPED_DASHBOARD.name)
+    name = monitoring_name(host, "grafana")
+    if _existing(name):
+        podman("rm", "--force", "--time", "10", name)
+    podman("run", "--detach", "--name", name, "--network", "host", "--restart", "always",
+           "--label", f"mesh.host={host}", "--label", "mesh.role=monitoring", "--env", f"GF_SERVER_HTTP_PORT={port}",
+           "--volume", f"{prov}:/etc/grafana/provisioning:ro", "--volume", f"mesh-{host}-grafana:/var/lib/grafana:U",
+           *shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", "")), GRAFANA_IMAGE)
+    say(f"grafana: started {name} at http://127.0.0.1:{port} (dashboard \"Agent mesh\", admin/admin at first login)")
+
+
+def monitoring_down(host: str, *, volumes: bool = False) -> None:
+    for what in ("grafana", "prometheus"):
+        name = monitoring_name(host, what)
+        if _existing(name):
+            say(f"stopping {name}")
+            podman("rm", "--force", "--time", "10", name)
+        if volumes:
+            podman("volume", "rm", "--force", f"mesh-{host}-{what}", check=False)
+    say(f"monitoring of host {host} is down" + ("" if volumes else " (its data volumes kept)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="podman_build.sh")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -413,6 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     lg = sub.add_parser("logs", help="agents' logs, prefixed by container")
     lg.add_argument("names", nargs="+", metavar="GROUP|AGENT")
     lg.add_argument("-f", "--follow", action="store_true")
+    mo = sub.add_parser("monitoring", help="Prometheus (and Grafana when its image is here) scraping every agent")
+    mo.add_argument("host")
+    mo.add_argument("--port", type=int, default=9090, help="Prometheus port on the host network")
+    mo.add_argument("--retention", default="15d", help="how long Prometheus keeps samples")
+    mo.add_argument("--base", default=MESH_BASE, help="Debian base image for the Prometheus image")
+    mo.add_argument("--rebuild", action="store_true", help="build the Prometheus image even if it exists")
+    mo.add_argument("--grafana", action="store_true", help="also run Grafana with the dashboard, if its image is here")
+    mo.add_argument("--grafana-port", type=int, default=3000)
+    mo.add_argument("--down", action="store_true", help="stop and remove the monitoring containers instead")
+    mo.add_argument("--volumes", action="store_true", help="with --down: remove their data volumes too")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "base":
@@ -433,6 +580,12 @@ def main(argv: list[str] | None = None) -> int:
             return status(args.host)
         elif args.cmd == "logs":
             logs(args.names, follow=args.follow)
+        elif args.cmd == "monitoring":
+            if args.down:
+                monitoring_down(args.host, volumes=args.volumes)
+            else:
+                monitoring(args.host, port=args.port, retention=args.retention, base=args.base, rebuild=args.rebuild,
+                           grafana=args.grafana, grafana_port=args.grafana_port)
     except (DeployError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -44,20 +44,39 @@ def log_path(log_dir: Path, agent: str) -> Path:
     return Path(log_dir) / f"{agent}.log"
 
 
+STDERR_ENV = "MESH_LOG_STDERR"
+_original_stderr: TextIO | None = None   # fd 2 as it was before setup_agent_logging replaced it
+
+
+def _wants_stderr() -> bool:
+    return os.environ.get(STDERR_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def setup_agent_logging(agent: str, host: str, log_dir: Path, level: str = "INFO") -> Path:
-    """Sends this process's logging, stdout and stderr to `log_dir/<agent>.log`."""
+    """Sends this process's logging, stdout and stderr to `log_dir/<agent>.log`.
+
+    With MESH_LOG_STDERR=1 each JSON line also goes to the process's original stderr (kept
+    before fd 2 is pointed at the file), so `podman logs` shows the structured lines."""
+    global _original_stderr
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_path(log_dir, agent)
+    formatter = JsonFormatter(host=host, agent=agent)
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=20 << 20, backupCount=3, encoding="utf-8")
-    handler.setFormatter(JsonFormatter(host=host, agent=agent))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Anything written outside logging (a crash in C code, a stray print) still lands in the file.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
+    if _wants_stderr():
+        if _original_stderr is None:   # once per process: a second call must not keep a dup of the file
+            _original_stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+        echo = logging.StreamHandler(_original_stderr)
+        echo.setFormatter(formatter)
+        root.handlers.append(echo)
+    # Anything written outside logging (a crash in C code, a stray print) still lands in the file.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
