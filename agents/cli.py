@@ -217,13 +217,19 @@ def prometheus_config(config: str = ConfigOpt,
 def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show (default: every agent in the config)."),
          config: str = ConfigOpt, follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
          level: str = typer.Option("DEBUG", "--level", "-l", help="Lowest level shown."),
-         lines: int = typer.Option(20, "--lines", "-n", help="Lines of history per agent.")) -> None:
-    """Show agents' logs, each line prefixed with its agent."""
-    from agents.logs import LEVELS, follow, log_path
+         lines: int = typer.Option(20, "--lines", "-n", help="Lines of history per agent."),
+         host: Optional[str] = HostOpt,
+         via: str = typer.Option("auto", "--via", help="auto: files for this host's agents, the mesh (log.read) "
+                                 "for the other host's; file; mesh.")) -> None:
+    """Show agents' logs on both hosts, each line prefixed with its agent (agent@host across hosts)."""
+    from agents.logs import LEVELS, FileLog, MeshLog, follow, log_path
 
-    cfg = _load(config)
+    cfg = _load(config, host)
     if level.upper() not in LEVELS:
         err.print(f"[bold red]error:[/] --level must be one of {', '.join(LEVELS)}")
+        raise typer.Exit(2)
+    if via not in ("auto", "file", "mesh"):
+        err.print("[bold red]error:[/] --via must be auto, file or mesh")
         raise typer.Exit(2)
     names = agents or list(cfg.agents)
     unknown = [a for a in names if a not in cfg.agents]
@@ -231,11 +237,20 @@ def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show
         err.print(f"[bold red]error:[/] unknown agent(s) {', '.join(unknown)}; declared: {', '.join(cfg.agents)}")
         raise typer.Exit(2)
     log_dir = cfg.mesh.data_dir / "logs"
-    files = {a: log_path(log_dir, a) for a in names}
-    missing = [a for a, p in files.items() if not p.exists()]
+    here = cfg.host or (next(iter(cfg.hosts)) if len(cfg.hosts) == 1 else None)
+    sources = {}
+    for a in names:
+        label = a if len(cfg.hosts) == 1 else f"{a}@{cfg.host_of(a)}"
+        path = log_path(log_dir, a)
+        local = cfg.host_of(a) == here or (here is None and path.exists())
+        if via == "file" or (via == "auto" and local):
+            sources[label] = FileLog(path)
+        else:
+            sources[label] = MeshLog(cfg, a)
+    missing = [label for label, src in sources.items() if isinstance(src, FileLog) and not src.path.exists()]
     if missing and not follow_:
         err.print(f"no log yet for {', '.join(missing)} in {log_dir}/")
-    follow(files, follow=follow_, level=level, lines=lines)
+    follow(sources, follow=follow_, level=level, lines=lines)
 
 
 KeysDirOpt = typer.Option(None, "--keys-dir", help="Default: security.keys_dir of the config (MESH_CONFIG), else keys/.")

@@ -83,7 +83,7 @@ def setup_agent_logging(agent: str, host: str, log_dir: Path, level: str = "INFO
     return path
 
 
-def _render(agent: str, raw: str, colour: str, min_level: int):
+def _render(agent: str, raw: str, colour: str, min_level: int, width: int = 14):
     from rich.text import Text
 
     try:
@@ -92,79 +92,149 @@ def _render(agent: str, raw: str, colour: str, min_level: int):
         if LEVELS.index(level) < min_level if level in LEVELS else False:
             return None
         when = str(line.get("time", ""))[11:23]
-        text = Text.assemble((f"{agent:<14}| ", colour), f"{when} ", (f"{level:<7}", _level_style(level)),
+        text = Text.assemble((f"{agent:<{width}}| ", colour), f"{when} ", (f"{level:<7}", _level_style(level)),
                              str(line.get("message", "")))
         if "exc" in line:
             text.append("\n" + str(line["exc"]))
         return text
     except (ValueError, AttributeError):
-        return Text.assemble((f"{agent:<14}| ", colour), raw)
+        return Text.assemble((f"{agent:<{width}}| ", colour), raw)
 
 
 def _level_style(level: str) -> str:
     return {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red", "DEBUG": "dim"}.get(level, "")
 
 
-def follow(files: dict[str, Path], *, follow: bool, level: str = "DEBUG", lines: int = 20,
+class FileLog:
+    """An agent's log file on this host, followed across rotation."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fh: TextIO | None = None
+        self.inode: int | None = None
+        self.partial = ""
+
+    def history(self, lines: int) -> list[str]:
+        if not self.path.exists():
+            return []
+        out = list(_tail(self.path, lines))
+        self.fh = self.path.open("r", encoding="utf-8", errors="replace")
+        self.fh.seek(0, os.SEEK_END)
+        self.inode = os.fstat(self.fh.fileno()).st_ino
+        return out
+
+    def poll(self) -> list[str]:
+        try:
+            inode = self.path.stat().st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode is not None and inode != self.inode:      # rotated, or created since
+            if self.fh is not None:
+                rest = self.fh.read()                       # what the old file got before the rotation
+                self.fh.close()
+            else:
+                rest = ""
+            self.fh = self.path.open("r", encoding="utf-8", errors="replace")
+            self.inode = inode
+            return self._split(rest) + self._split(self.fh.read())
+        return self._split(self.fh.read()) if self.fh is not None else []
+
+    def _split(self, chunk: str) -> list[str]:
+        if not chunk:
+            return []
+        *complete, self.partial = (self.partial + chunk).split("\n")
+        return [line for line in complete if line]
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+class MeshLog:
+    """An agent's log read over the mesh (`log.read`): for agents of another host, containerised
+    or not. An agent that does not answer is said once, and followed again when it is back."""
+
+    def __init__(self, config, agent: str):
+        self.config = config
+        self.agent = agent
+        self.client = None
+        self.offset = -1
+        self.file_id = ""
+        self.down: str | None = None
+
+    def _ask(self, tail: int) -> list[str]:
+        from agents.control import client
+        from network.messages import LogRead
+        from network.rpc import MeshError
+
+        try:
+            if self.client is None:
+                self.client = client(self.config, self.agent, timeout=2.0, sender="meshctl-logs")
+            reply = self.client.request(LogRead(offset=self.offset, file_id=self.file_id, tail=tail))
+        except (MeshError, OSError) as exc:
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+            if self.down is None:
+                self.down = str(getattr(exc, "message", exc))
+                return [f"(no answer from {self.agent}: {self.down}; still trying)"]
+            return []
+        lines = []
+        if self.down is not None:
+            lines.append(f"(answering again after: {self.down})")
+            self.down = None
+        if reply.note and self.offset == -1:
+            lines.append(f"({reply.note})")
+        self.offset, self.file_id = reply.offset, reply.file_id
+        return lines + reply.lines
+
+    def history(self, lines: int) -> list[str]:
+        return self._ask(lines)
+
+    def poll(self) -> list[str]:
+        return self._ask(0)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def follow(sources: dict[str, Path | FileLog | MeshLog], *, follow: bool, level: str = "DEBUG", lines: int = 20,
            out: TextIO | None = None, poll_s: float = 0.2, stop_after_s: float | None = None) -> None:
-    """Prints the last `lines` of each agent's log, prefixed by the agent's name; with
-    `follow`, keeps printing new lines (across rotation) until interrupted."""
+    """Prints the last `lines` of each agent's log, prefixed by its label (the agent's name); with
+    `follow`, keeps printing new lines (across rotation) until interrupted. A source is a log file
+    on this host (a Path or FileLog) or an agent asked over the mesh (MeshLog)."""
     from rich.console import Console
 
     console = Console(file=out or sys.stdout, highlight=False, soft_wrap=True)
     min_level = LEVELS.index(level.upper())
-    colour = {agent: COLOURS[i % len(COLOURS)] for i, agent in enumerate(files)}
-    handles: dict[str, tuple[TextIO, int]] = {}
-    for agent, path in files.items():
-        if path.exists():
-            for raw in _tail(path, lines):
-                _print(console, _render(agent, raw, colour[agent], min_level))
-            fh = path.open("r", encoding="utf-8", errors="replace")
-            fh.seek(0, os.SEEK_END)
-            handles[agent] = (fh, os.fstat(fh.fileno()).st_ino)
-    if not follow:
-        return
-    deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
-    partial: dict[str, str] = {}
+    logs = {label: FileLog(src) if isinstance(src, Path) else src for label, src in sources.items()}
+    colour = {label: COLOURS[i % len(COLOURS)] for i, label in enumerate(logs)}
+    width = max([14, *map(len, logs)])
     try:
+        for label, log in logs.items():
+            for raw in log.history(lines):
+                _print(console, _render(label, raw, colour[label], min_level, width))
+        if not follow:
+            return
+        deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
+        remote = any(isinstance(log, MeshLog) for log in logs.values())
         while deadline is None or time.monotonic() < deadline:
-            for agent, path in files.items():
-                _reopen_if_rotated(agent, path, handles)
-                if agent not in handles:
-                    continue
-                fh = handles[agent][0]
-                chunk = fh.read()
-                if not chunk:
-                    continue
-                buf = partial.get(agent, "") + chunk
-                *complete, partial[agent] = buf.split("\n")
-                for raw in complete:
-                    if raw:
-                        _print(console, _render(agent, raw, colour[agent], min_level))
-            time.sleep(poll_s)
+            for label, log in logs.items():
+                for raw in log.poll():
+                    _print(console, _render(label, raw, colour[label], min_level, width))
+            time.sleep(max(poll_s, 0.5) if remote else poll_s)
     except KeyboardInterrupt:
         pass
     finally:
-        for fh, _ in handles.values():
-            fh.close()
+        for log in logs.values():
+            log.close()
 
 
 def _print(console, text) -> None:
     if text is not None:
         console.print(text)
         console.file.flush()
-
-
-def _reopen_if_rotated(agent: str, path: Path, handles: dict) -> None:
-    try:
-        inode = path.stat().st_ino
-    except FileNotFoundError:
-        return
-    current = handles.get(agent)
-    if current is None or current[1] != inode:
-        if current is not None:
-            current[0].close()
-        handles[agent] = (path.open("r", encoding="utf-8", errors="replace"), inode)
 
 
 def _tail(path: Path, lines: int) -> Iterable[str]:

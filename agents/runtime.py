@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from agents.config import ConfigError, MeshConfig, _pydantic_problems
 from network.codec import Envelope
 from network.messages import (
-    AgentState, AgentStats, Deregister, Heartbeat, HeartbeatAck, Message, Ping, Pong, ReadyStatus, Register,
-    Registered, StateChanged, WaitReady,
+    AgentState, AgentStats, Deregister, Heartbeat, HeartbeatAck, LogLines, LogRead, Message, Ping, Pong, ReadyStatus,
+    Register, Registered, StateChanged, WaitReady,
 )
 from network.metrics import MeshMetrics
 from network.pubsub import Publisher, Subscriber
@@ -208,6 +208,7 @@ class Agent:
         self.server.attach(self.reactor)
         self.publisher.attach(self.reactor)
         self.server.route(Ping, self._on_ping)
+        self.server.route(LogRead, self._on_log_read)
         for message_type, attr in self._handlers.items():
             self.server.route(message_type, getattr(self, attr))
         if self.uses_twin:
@@ -369,6 +370,43 @@ class Agent:
         for prefix, callback in self._subscriptions:
             if topic.startswith(prefix):
                 callback(env.message, env)
+
+    def _on_log_read(self, msg: LogRead, env: Envelope) -> LogLines:
+        """Lines of this process's log file (the JSON lines of agents/logs.py), for `meshctl logs` on
+        another host. The file is the one logging writes to: found from the root logger's file handler."""
+        path = next((h.baseFilename for h in logging.getLogger().handlers
+                     if isinstance(h, logging.FileHandler)), None)
+        if path is None:
+            return LogLines(agent=self.name, host=self.host, note="this agent writes no log file of its own "
+                            "(it runs inside another process)")
+        limit = min(msg.max_bytes, self.config.mesh.max_frame_bytes // 2)
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            file_id = f"{st.st_dev}:{st.st_ino}"
+            size = st.st_size
+            if msg.offset >= 0 and msg.file_id == file_id and msg.offset <= size:
+                start = msg.offset
+            elif msg.offset >= 0 and msg.file_id:           # rotated (or truncated): the new file from its start
+                start = 0
+            else:                                           # the last `tail` lines
+                back = min(size, limit)
+                f.seek(size - back)
+                window = f.read(back)
+                end = window.rfind(b"\n") + 1              # complete lines only
+                parts = window[:end].split(b"\n")[:-1]
+                if back < size and parts:
+                    parts = parts[1:]                       # the first may be cut in the middle
+                keep = parts[-msg.tail:] if msg.tail else []
+                start = size - back + end - sum(len(x) + 1 for x in keep)
+            f.seek(start)
+            data = f.read(limit)
+        end = data.rfind(b"\n")
+        if end < 0 and len(data) < limit:
+            data = b""                                      # a line still being written: next time
+        elif end >= 0:
+            data = data[:end + 1]
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        return LogLines(agent=self.name, host=self.host, file_id=file_id, offset=start + len(data), lines=lines)
 
     def _on_ping(self, message: Ping, env: Envelope) -> Pong:
         return Pong(agent=self.name, kind=self.kind or type(self).__name__, state=self.state,

@@ -100,6 +100,31 @@ class Pong(Message):
     pid: int
 
 
+class LogRead(Message):
+    """Asks any agent for lines of its own log file (`meshctl logs` across hosts): from byte `offset`
+    of the file named by `file_id`, or, with offset -1 (or a file_id that is not the current file:
+    it was rotated), the last `tail` lines. At most `max_bytes` come back, cut at a line end."""
+
+    type_name: ClassVar[str] = "log.read"
+    offset: int = Field(-1, ge=-1)
+    file_id: str = ""
+    tail: int = Field(20, ge=0, le=10000)
+    max_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
+
+
+class LogLines(Message):
+    """The answer to `log.read`: `lines` (without their newlines), the `file_id` and `offset` to ask
+    from next time, and a `note` when the agent has no log file (it runs inside another process)."""
+
+    type_name: ClassVar[str] = "log.lines"
+    agent: str
+    host: str = ""
+    file_id: str = ""
+    offset: int = 0
+    lines: list[str] = Field(default_factory=list)
+    note: str = ""
+
+
 class Echo(Message):
     """Payload returned unchanged by the `echo` example agent; also the benchmark's request."""
 

@@ -6,7 +6,7 @@ from agents.kinds import BUILTIN, module_of
 
 from agents.probe import ProbeCounts, ProbeReport, ProbeWatch
 from network.messages import (
-    Ack, Alert, HostChanged, HostStatus, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
+    Ack, Alert, HostChanged, LogLines, LogRead, HostStatus, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
     Registered, StateChanged, StatusReply, StatusRequest, WaitReady,
 )
 
@@ -34,6 +34,8 @@ SAMPLES = {m.type_name: m for m in [
     Ping(),
     Pong(agent="a", kind="echo", state="ready", uptime_s=1.5, pid=3),
     Echo(payload=b"\x00\xff", seq=9),
+    LogRead(offset=120, file_id="2049:1234", tail=0, max_bytes=65536),
+    LogLines(agent="a", host="h", file_id="2049:1234", offset=300, lines=['{"level": "INFO", "message": "ready"}']),
     Register(agent="a", kind="echo", host="h", instance="i1", pid=3, state="starting"),
     Registered(waiting_on=["b"], heartbeat_interval_s=1.0, restarts=2),
     Heartbeat(agent="a", instance="i1", state="ready", stats=AgentStats(messages_in=5), detail="fine"),

@@ -68,3 +68,51 @@ def test_deployed_groups_log_to_stderr_too():
     cfg = load_config(ROOT / "config" / "mainpc.yaml", environ={})
     specs = deploy.group_specs(cfg, "mainpc", no_gpu=True)
     assert specs and all(spec.env["MESH_LOG_STDERR"] == "1" for spec in specs)
+
+
+def test_logs_follow_agents_of_both_hosts_over_the_mesh(tmp_path, mesh_up):
+    """Two hosts (127.0.0.1 and 127.0.0.2), each with its own data directory, as on two machines:
+    `meshctl logs -f` on `local` follows a local agent from its file and the other host's agent over
+    the mesh (log.read), both prefixed agent@host, old lines and new ones."""
+    import signal
+    import time
+
+    import yaml
+
+    from agents.config import load_config
+    from agents.control import fetch_status
+    from tests.conftest import mesh_dict, wait_for
+
+    d = mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]}, "b": {"kind": "echo", "depends_on": ["twin"]}},
+                  hosts={"local": {"address": "127.0.0.1"}, "far": {"address": "127.0.0.2"}},
+                  groups={"core": {"host": "local", "agents": ["twin", "a"]}, "edge": {"host": "far", "agents": ["b"]}})
+    paths = {}
+    for host in ("local", "far"):
+        d["mesh"]["data_dir"] = str(tmp_path / host)
+        paths[host] = tmp_path / host / "mesh.yaml"
+        paths[host].parent.mkdir()
+        paths[host].write_text(yaml.safe_dump({**d, "host": host}, sort_keys=False))
+    cfg = load_config(paths["local"])
+    mesh_up(paths["far"])
+    mesh_up(paths["local"])
+    wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=30, what="both hosts ready")
+    assert not (tmp_path / "local" / "logs" / "b.log").exists()       # b's log is only on `far`
+    follower = subprocess.Popen([sys.executable, "-m", "agents.cli", "logs", "-f", "a", "b", "--config",
+                                 str(paths["local"]), "--lines", "3"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"))
+    try:
+        time.sleep(2.0)
+        for agent in ("a", "b"):     # both log something new while we follow: draining, then a restart
+            os.kill(next(s.pid for s in fetch_status(cfg).agents if s.agent == agent), signal.SIGTERM)
+        wait_for(lambda: all(s.state == "ready" and s.restarts == 1 for s in fetch_status(cfg).agents[1:]),
+                 timeout=20, what="a and b back")
+        time.sleep(1.5)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, _ = follower.communicate(timeout=10)
+    lines = out.splitlines()
+    assert any(line.startswith("a@local ") and "started: rpc" in line for line in lines), out   # history
+    assert any(line.startswith("b@far ") and "started: rpc" in line for line in lines), out
+    assert any(line.startswith("a@local ") and "draining" in line for line in lines), out       # followed
+    assert any(line.startswith("b@far ") and "draining" in line for line in lines), out
+    assert not any("no answer" in line for line in lines[:4]), out

@@ -67,6 +67,7 @@ def test_every_documented_type_on_the_wire(write_config, run_agents):
             requests = {
                 "mesh.ping": (echo, SAMPLES["mesh.ping"]),
                 "mesh.echo": (echo, SAMPLES["mesh.echo"]),
+                "log.read": (echo, SAMPLES["log.read"]),
                 "twin.status": (twin, SAMPLES["twin.status"]),
                 "twin.register": (twin, SAMPLES["twin.register"].model_copy(
                     update={"agent": "echo", "host": "local", "instance": instance})),
