@@ -62,6 +62,7 @@ class Record:
     since: float = field(default_factory=time.time)  # wall clock of the last state change
     troubles: collections.deque = field(default_factory=lambda: collections.deque(maxlen=32))  # deaths, restarts
     flap_alerted: float = 0.0
+    loading_since: float | None = None  # monotonic: told "ready to start", running its on_ready (loading models)
 
 
 def _is_loopback(bind: str) -> bool:
@@ -85,6 +86,9 @@ class TwinSettings(AgentSettings):
     history_every_s: float = Field(5.0, gt=0, description="Pipeline figures kept for the dashboard's charts, this often")
     history_len: int = Field(720, ge=10, le=100000)
     alerts_kept: int = Field(100, ge=1, le=10000)
+    loading_grace_s: float = Field(120.0, ge=0, description="How long an agent may be silent after it was told its "
+                                   "dependencies are ready (its on_ready loads models on its own thread) before it "
+                                   "counts as dead; a crash meanwhile is still seen at once by its restart")
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "TwinSettings":
@@ -187,6 +191,7 @@ class DigitalTwin(Agent):
         if rec.instance != msg.instance:
             rec.started_at = time.time()
             rec.last_count, rec.rate, rec.error_rate = None, 0.0, 0.0
+            rec.loading_since = None
         rec.instance, rec.pid, rec.last_seen = msg.instance, msg.pid, time.monotonic()
         rec.kind_name = msg.kind
         rec.reported = AgentState(msg.state)
@@ -203,6 +208,7 @@ class DigitalTwin(Agent):
             return HeartbeatAck(registered=False)
         rec.last_seen = time.monotonic()
         rec.reported, rec.stats, rec.detail = AgentState(msg.state), msg.stats, msg.detail
+        rec.loading_since = None
         self._rates(rec, msg.stats)
         self._heard_from(rec.host)
         if rec.reported in READY_STATES:
@@ -228,6 +234,8 @@ class DigitalTwin(Agent):
                 self._refresh(rec, reason)
             elif changed:
                 self._publish(rec, rec.state, reason)
+        if not waiting and rec.instance is not None and rec.reported == AgentState.WAITING:
+            rec.loading_since = time.monotonic()
         return ReadyStatus(ready=not waiting, waiting_on=waiting)
 
     @handles(Deregister)
@@ -347,6 +355,8 @@ class DigitalTwin(Agent):
         for rec in self.records.values():
             if rec.agent == self.name or rec.last_seen is None:
                 continue
+            if rec.loading_since is not None and now - rec.loading_since <= self.settings.loading_grace_s:
+                continue    # busy in on_ready (loading a model on its reactor thread): not heard, not dead yet
             if now - rec.last_seen <= self.dead_after:
                 heard.add(rec.host)
             elif rec.state in LIVE or rec.state in SILENT:
@@ -450,7 +460,8 @@ class DigitalTwin(Agent):
                 "restarts": rec.restarts, "pid": rec.pid,
                 "msgs_per_s": round(rec.rate, 2) if live else 0.0,
                 "errors": rec.stats.errors, "errors_per_s": round(rec.error_rate, 3) if live else 0.0,
-                "detail": rec.note, "gauges": rec.stats.gauges if live else {},
+                "detail": (f"starting up (on_ready) for {now - rec.loading_since:.0f}s" if rec.loading_since is not None
+                           else rec.note), "gauges": rec.stats.gauges if live else {},
             })
         hosts = []
         for host, state in self.host_states.items():

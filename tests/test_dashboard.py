@@ -17,6 +17,7 @@ import zmq
 
 from agents.config import ConfigError
 from agents.control import client, fetch_status
+from agents.echo import EchoAgent
 from agents.kinds import check_kinds
 from network.messages import Alert, Echo, Heartbeat, Register
 from network.metrics import MeshMetrics
@@ -210,6 +211,32 @@ def crash(agent) -> None:
         agent._registered = False
         agent._stop_requested.set()
     agent.reactor.call_soon_threadsafe(now)
+
+
+class SlowStart(EchoAgent):
+    """Loads "a model" for 2.5 s in on_ready, on its reactor thread: no heartbeat meanwhile."""
+
+    def on_ready(self) -> None:
+        time.sleep(2.5)
+
+
+def test_an_agent_loading_in_on_ready_is_not_declared_dead(write_config, run_agents):
+    """dead_after is 0.6 s here: a silent agent in on_ready is given loading_grace_s instead."""
+    _, cfg = write_config(mesh_dict({"slow": {"kind": "tests.test_dashboard:SlowStart", "depends_on": ["twin"]}}))
+    run_agents(cfg, "twin", "slow")
+    seen = []
+    base = dashboard_url(cfg)
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        slow = next(a for a in httpx.get(base + "/api/state").json()["agents"] if a["agent"] == "slow")
+        seen.append((slow["state"], slow["detail"]))
+        if slow["state"] == "ready":
+            break
+        time.sleep(0.1)
+    states = [state for state, _ in seen]
+    assert states[-1] == "ready" and "dead" not in states, seen
+    assert any(d.startswith("starting up (on_ready)") for _, d in seen), seen
+    assert not httpx.get(base + "/api/state").json()["alerts"]
 
 
 # --- the page in a real browser -------------------------------------------------------------------
