@@ -23,6 +23,8 @@ from network.codec import DEFAULT_MAX_FRAME_BYTES
 
 NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 TWIN_KIND = "digital_twin"
+MAX_CONFIG_BYTES = 1 << 20      # a mesh config is a few kB; PyYAML reads about 100 kB/s, so this bounds a load
+MAX_CONFIG_VALUES = 200_000     # values after YAML aliases are expanded (an alias bomb grows exponentially)
 
 
 class ConfigError(Exception):
@@ -347,7 +349,15 @@ def _assign_ports(cfg: MeshConfig, problems: list[tuple[str, str, str]]) -> None
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list) -> Any:
+class _TooManyValues(Exception):
+    pass
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list, budget: list[int] | None = None) -> Any:
+    budget = [MAX_CONFIG_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooManyValues
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
             var, default = m.group(1), m.group(2)
@@ -357,11 +367,15 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list) 
                 return default
             problems.append((path, f"environment variable {var} is not set", f"export {var}=... or write ${{{var}:-default}}"))
             return ""
-        return _ENV.sub(sub, value)
+        out = _ENV.sub(sub, value)
+        if "${" in _ENV.sub("", value):
+            problems.append((path, f"{value!r} has a `${{` that is not a complete ${{VAR}} or ${{VAR:-default}}",
+                             "close it with `}`; a variable name is letters, digits and _"))
+        return out
     if isinstance(value, dict):
-        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return [_interpolate(v, env, f"{path}[{i}]", problems, budget) for i, v in enumerate(value)]
     return value
 
 
@@ -372,22 +386,60 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently: a second `agents:` would drop every agent of the first)."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)   # checked as written, before `<<` merges are applied
+        first: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in first:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r} (first on line "
+                                                        f"{first[key] + 1})", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return node
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError(path, [("extends", "files extend each other in a loop: " + " -> ".join(map(str, seen + (path,))), "break the loop")])
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, [("", "file not found", "check the path, or pass --config")]) from None
     except OSError as exc:
         raise ConfigError(path, [("", f"cannot read: {exc.strerror}", "check the file's permissions")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, [("", f"file is larger than {MAX_CONFIG_BYTES} bytes: not a mesh config",
+                                  "check the path; a mesh config is a few kB")])
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(path, [(f"line {line}, column {column}",
+                                  f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded",
+                                  "save the file as UTF-8 (is it a config file at all?)")]) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, yaml.reader.ReaderError):
+            line = text.count("\n", 0, exc.position) + 1
+            where = f"line {line}, column {exc.position - (text.rfind(chr(10), 0, exc.position) + 1) + 1}"
+            if isinstance(exc.character, int):
+                problem = f"character {exc.character:#06x} is not allowed in YAML"
         raise ConfigError(path, [(where, f"not valid YAML: {problem}", "fix the syntax at that position")]) from None
+    except RecursionError:
+        raise ConfigError(path, [("", "not valid YAML: nested too deeply to read", "a mesh config nests a few levels; "
+                                  "check the file")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -412,7 +464,11 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str, str]]:
         elif kind == "missing":
             fix = "add this field"
         else:
-            fix = f"got {err.get('input')!r}" if not isinstance(err.get("input"), (dict, list)) else ""
+            given = err.get("input")
+            if isinstance(given, (dict, list)):
+                fix = f"got a {'mapping' if isinstance(given, dict) else 'list'}"
+            else:
+                fix = f"got {given!r}"
         problems.append((path, err["msg"], fix))
     return problems
 
@@ -421,7 +477,14 @@ def parse_config(data: dict, source: str = "<memory>", *, host: str | None = Non
                  environ: Mapping[str, str] | None = None) -> MeshConfig:
     """`environ` (default: this process's environment) fills the `${VAR}`s."""
     problems: list = []
-    data = _interpolate(data, os.environ if environ is None else environ, "", problems)
+    try:
+        data = _interpolate(data, os.environ if environ is None else environ, "", problems)
+    except _TooManyValues:
+        raise ConfigError(source, [("", f"the file expands to more than {MAX_CONFIG_VALUES} values (YAML aliases "
+                                    "repeating large nodes?)", "write the config out; a mesh config has a few hundred "
+                                    "values")]) from None
+    except RecursionError:
+        raise ConfigError(source, [("", "nested too deeply", "a mesh config nests a few levels")]) from None
     if problems:
         raise ConfigError(source, problems)
     if host is not None:

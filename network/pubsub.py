@@ -3,6 +3,11 @@
 The topic is UTF-8 text, by default the message's type name (`twin.state`), so subscribing to
 a prefix such as `twin.` selects a family of events. A subscriber drops and counts frames it
 cannot decode; it never raises into its agent.
+
+A message over the hard limit (ZMQ_MAXMSGSIZE) is a protocol error to libzmq: it drops the
+connection and, unlike after a network error, never reconnects, so one oversized event would cut
+a subscriber off from that publisher for good. An attached Subscriber watches its socket and
+connects again when libzmq does not (counted as a dropped message, code `connection_dropped`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import logging
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from network.codec import DEFAULT_MAX_FRAME_BYTES, Envelope, ProtocolError, decode, encode
 from network.messages import ErrorCode, Message
@@ -21,6 +27,13 @@ from network.security import Guard
 log = logging.getLogger(__name__)
 
 _SNDMORE = int(zmq.SNDMORE)  # a plain int: pyzmq's send_multipart spends ~1 us a message on checks and enum flags
+# A PUB socket only ever receives subscriptions (a topic prefix each). Without a cap, libzmq reads a
+# subscription of any size into memory and keeps it in the socket's subscription trie.
+MAX_SUBSCRIPTION_BYTES = 4096
+RECONNECT_CHECK_S = 0.5   # after a disconnect, libzmq says within this time whether it reconnects by itself
+RECONNECT_MAX_S = 30.0    # ceiling of the backoff while the connection keeps being dropped before a handshake
+_LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
+                | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 class Publisher(BoundSocket):
@@ -31,6 +44,7 @@ class Publisher(BoundSocket):
         self.sender = sender
         self._bind(ctx, zmq.PUB, guard, metrics)
         self.socket.sndhwm = sndhwm
+        self.socket.maxmsgsize = MAX_SUBSCRIPTION_BYTES   # a longer one drops that subscriber's connection
         self._listen(bind)
 
     def attach(self, reactor) -> None:
@@ -57,6 +71,12 @@ class Subscriber:
         self.socket.maxmsgsize = _hard_limit(max_frame_bytes)
         self._guarded = False
         self._server_host: str | None = None
+        self._endpoints: set[str] = set()
+        self._down: dict[str, int] = {}     # endpoint -> mark of its last disconnect not followed by a reconnect
+        self._marks = 0
+        self._drops: dict[str, int] = {}    # endpoint -> drops since its last successful handshake (backoff)
+        self._monitor: zmq.Socket | None = None
+        self._reactor = None
 
     def connect(self, endpoint: str, server_host: str | None = None) -> None:
         # CURVE options are per socket: one subscriber socket per server host when CURVE is on.
@@ -66,12 +86,58 @@ class Subscriber:
             self.guard.client(self.socket, server_host or "")
             self._guarded, self._server_host = True, server_host
         self.socket.connect(endpoint)
+        self._endpoints.add(endpoint)
 
     def subscribe(self, prefix: str = "") -> None:
         self.socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
 
     def attach(self, reactor) -> None:
         reactor.add_socket(self.socket, self.on_readable)
+        self._reactor = reactor
+        self._monitor = self.socket.get_monitor_socket(events=_LINK_EVENTS)
+        reactor.add_socket(self._monitor, self._on_link_event)
+
+    def _on_link_event(self) -> None:
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(frames)
+            endpoint = event["endpoint"].decode(errors="replace")
+            if endpoint not in self._endpoints:
+                continue
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._marks += 1
+                self._down[endpoint] = mark = self._marks
+                self._reactor.call_later(RECONNECT_CHECK_S, lambda: self._reconnect_if_dropped(endpoint, mark))
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._drops.pop(endpoint, None)
+            else:   # libzmq is (re)connecting by itself
+                self._down.pop(endpoint, None)
+
+    def _reconnect_if_dropped(self, endpoint: str, mark: int) -> None:
+        if self._down.get(endpoint) != mark or self.socket.closed:
+            return
+        del self._down[endpoint]
+        drops = self._drops[endpoint] = self._drops.get(endpoint, 0) + 1
+        self._drop("connection_dropped", f"libzmq dropped the connection to {endpoint} for good (a message over "
+                                         f"{self.socket.maxmsgsize} bytes, broken framing, a refused handshake)")
+        # at once after a drop that followed a good handshake; backing off while handshakes fail (wrong keys)
+        delay = 0.0 if drops == 1 else min(RECONNECT_CHECK_S * 2 ** (drops - 1), RECONNECT_MAX_S)
+        (log.warning if drops == 1 else log.debug)(
+            "connection to publisher %s dropped by libzmq (a message over the hard limit of %d bytes, or a refused "
+            "handshake); connecting again in %.1f s", endpoint, self.socket.maxmsgsize, delay)
+        self._reactor.call_later(delay, lambda: self._connect_again(endpoint))
+
+    def _connect_again(self, endpoint: str) -> None:
+        if self.socket.closed:
+            return
+        try:
+            self.socket.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass
+        self.socket.connect(endpoint)
 
     def on_readable(self, limit: int = 1000) -> int:
         handled = 0
@@ -103,4 +169,10 @@ class Subscriber:
         log.debug("dropped an event: %s", why)
 
     def close(self) -> None:
+        if self._monitor is not None:
+            if self._reactor is not None:
+                self._reactor.remove_socket(self._monitor)
+            self.socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         self.socket.close(linger=0)

@@ -9,15 +9,23 @@ Language comes from the page's own `lang` attribute when it has one, otherwise f
 on the text. Nothing here touches the network or a store: `extract_job` runs in worker
 processes, takes plain values and returns plain values, and never raises; a page that cannot
 be extracted comes back with state 'failed' and the reason.
+
+A page also fails when its extraction takes longer than a time budget (`time_budget_s`): some
+inputs make the parsers quadratic (100 000 attributes on one element take minutes in libxml2,
+htmldate and trafilatura). The budget is a SIGALRM timer, so it holds in a worker process (the
+main thread) and is checked between Python steps: one long C call (a parse) still runs to its end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,32 @@ DEFAULT_BACKENDS = {
 MAX_OUTLINKS = 5000
 MAX_ANCHOR = 300
 MIN_TEXT_CHARS = 25   # less is navigation debris, not main text
+TIME_BUDGET_S = 30.0  # default extraction time per page in a worker process
+
+
+class ExtractionTimeout(BaseException):
+    """The page's time budget ran out. A BaseException, so that the libraries' own `except Exception`
+    clauses cannot swallow it and carry on."""
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float | None) -> Iterator[None]:
+    """Raises ExtractionTimeout in this thread after `seconds`; a no-op outside the main thread
+    (signals go to the main thread only) or without a budget."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame) -> None:
+        raise ExtractionTimeout(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -181,14 +215,18 @@ BACKENDS: dict[str, Callable[[bytes, str, str], Extracted]] = {
 
 
 def extract(body: bytes, *, url: str, content_type: str, backends: dict[str, str] | None = None,
-            truncated: bool = False) -> Extracted:
+            truncated: bool = False, time_budget_s: float | None = None) -> Extracted:
     backends = DEFAULT_BACKENDS if backends is None else backends
     media = content_type.split(";", 1)[0].strip().lower()
     name = backends.get(media)
     if name is None:
         return _failed(f"no extraction backend for content type {media or '(none)'}")
     try:
-        out = BACKENDS[name](body, url, content_type)
+        with _time_budget(time_budget_s):
+            out = BACKENDS[name](body, url, content_type)
+    except ExtractionTimeout:
+        log.warning("extraction of %s stopped after %g s", url, time_budget_s)
+        out = _failed(f"{name} took longer than {time_budget_s:g} s (the page's time budget): stopped")
     except Exception as exc:  # a bad page must never take the extractor down
         log.warning("extraction of %s failed: %s", url, exc, exc_info=True)
         out = _failed(f"{name} failed: {type(exc).__name__}: {exc}"[:500])
@@ -197,9 +235,11 @@ def extract(body: bytes, *, url: str, content_type: str, backends: dict[str, str
     return out
 
 
-def extract_job(body: bytes, url: str, content_type: str, backends: dict[str, str], truncated: bool) -> dict:
+def extract_job(body: bytes, url: str, content_type: str, backends: dict[str, str], truncated: bool,
+                time_budget_s: float | None = TIME_BUDGET_S) -> dict:
     """Worker-process entry point: plain values in, a plain dict out."""
-    return asdict(extract(body, url=url, content_type=content_type, backends=backends, truncated=truncated))
+    return asdict(extract(body, url=url, content_type=content_type, backends=backends, truncated=truncated,
+                          time_budget_s=time_budget_s))
 
 
 def warm_up() -> None:

@@ -21,9 +21,10 @@ from pydantic import Field
 from agents.config import ConfigError
 from agents.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
+from network.messages import AgentState
 from network.rpc import Deferred, MeshError
 from pipeline.docstore import Document, DocStore, StoreUnavailable, open_docstore
-from pipeline.extract import DEFAULT_BACKENDS, BACKENDS, Extracted, extract_job, warm_up
+from pipeline.extract import DEFAULT_BACKENDS, BACKENDS, TIME_BUDGET_S, Extracted, extract_job, warm_up
 from pipeline.messages import DocStored, ExtractPage, Link, PageStored
 
 
@@ -33,6 +34,9 @@ class ExtractorSettings(AgentSettings):
                                      description="media type -> backend (trafilatura, pypdf, plain)")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="largest decompressed body accepted")
     max_tasks_per_worker: int = Field(500, ge=1, description="a worker process is replaced after this many pages")
+    time_budget_s: float = Field(TIME_BUDGET_S, gt=0, le=3600,
+                                 description="a page whose extraction takes longer is stored as failed (worker "
+                                             "processes only; checked between Python steps, not inside one parse)")
 
 
 class Extractor(Agent):
@@ -78,7 +82,8 @@ class Extractor(Agent):
         except zstandard.ZstdError as exc:
             raise MeshError("invalid_body", f"body_zstd is not valid zstd data: {exc}") from None
         reply = Deferred()
-        job = (extract_job, body, msg.final_url, msg.content_type, self.settings.backends, msg.truncated)
+        job = (extract_job, body, msg.final_url, msg.content_type, self.settings.backends, msg.truncated,
+               self.settings.time_budget_s)
         try:
             future = self.pool.submit(*job)
         except (BrokenProcessPool, RuntimeError):   # a worker died since the last page: a fresh pool
@@ -112,6 +117,8 @@ class Extractor(Agent):
         except StoreUnavailable as exc:
             self.stats["store_errors"] += 1
             self.log.warning("document store unavailable, %s not acknowledged: %s", msg.url, exc)
+            if self.state == AgentState.READY:   # the twin sees why pages are not acknowledged
+                self.set_state(AgentState.DEGRADED, f"document store unavailable: {exc}"[:300])
             reply.fail("store_unavailable", str(exc))
             return
         except Exception as exc:
@@ -119,6 +126,9 @@ class Extractor(Agent):
             self.log.exception("storing %s failed", msg.url)
             reply.fail("store_error", f"{type(exc).__name__}: {exc}")
             return
+        if self.state == AgentState.DEGRADED and self.detail.startswith("document store unavailable"):
+            self.log.info("the document store answers again")
+            self.set_state(AgentState.READY)
         self.stats["pages"] += 1
         self.stats[out.state] = self.stats.get(out.state, 0) + 1
         doc_id = doc.id

@@ -7,6 +7,8 @@ an fsync never stalls a fetch) and the result is handed back on the reactor thre
 
 Every fetch is capped: total time (`timeout_s`), body size (`max_bytes`: the body is cut there
 and marked truncated), and content type (a type outside `accept` is not downloaded at all).
+The size cap holds for the decoded body: a gzip, deflate or zstd body is decoded here in bounded
+steps (`_Decoder`), so a compression bomb stops at the cap instead of inflating in memory.
 Redirects are not followed here: the coordinator schedules the target like any other URL, so
 robots.txt, politeness and the seen-set apply to every hop.
 """
@@ -17,12 +19,14 @@ import asyncio
 import logging
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urljoin
 
 import httpx
+import zstandard
 
 from network.reactor import Reactor
 
@@ -31,6 +35,9 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 REDIRECTS = (301, 302, 303, 307, 308)
+ACCEPT_ENCODING = "gzip, deflate, zstd"   # what _Decoder decodes; other codings are kept as sent
+DECODE_STEP = 64 << 10                     # most bytes one decoding step produces
+MAX_ZSTD_WINDOW = 8 << 20                  # RFC 8878: HTTP zstd needs no larger window; larger frames are refused
 
 
 @dataclass
@@ -61,6 +68,115 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+class _Full(Exception):
+    """The body reached its size cap: stop reading and decoding."""
+
+
+class _Capped:
+    """Collects a decoded body up to `limit` bytes; more raises _Full (and marks it truncated)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.truncated = False
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        room = self.limit - self.size
+        if len(data) > room:
+            if room:
+                self._parts.append(bytes(data[:room]))
+            self.size = self.limit
+            self.truncated = True
+            raise _Full
+        self._parts.append(bytes(data))
+        self.size += len(data)
+        return len(data)
+
+    def value(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class _Zlib:
+    """gzip or deflate (zlib-wrapped, or raw as some servers send it), at most DECODE_STEP bytes a step.
+    Bytes after the end of the stream are ignored, as httpx does."""
+
+    def __init__(self, wbits: int, out) -> None:
+        self.out = out
+        self.wbits = wbits
+        self.d = zlib.decompressobj(wbits)
+        self.started = False
+
+    def write(self, data: bytes) -> None:
+        while data and not self.d.eof:
+            try:
+                piece = self.d.decompress(data, DECODE_STEP)
+            except zlib.error:
+                if self.started or self.wbits != zlib.MAX_WBITS:
+                    raise
+                self.wbits = -zlib.MAX_WBITS   # "deflate" without the zlib header
+                self.d = zlib.decompressobj(self.wbits)
+                continue
+            self.started = True
+            tail = self.d.unconsumed_tail
+            if not piece and len(tail) == len(data):
+                break   # no progress: wait for more input
+            if piece:
+                self.out.write(piece)
+            data = tail
+        while not self.d.eof:   # output still owed for input already taken (at most a few steps)
+            piece = self.d.decompress(b"", DECODE_STEP)
+            if not piece:
+                break
+            self.out.write(piece)
+
+    def flush(self) -> None:
+        piece = self.d.flush()
+        if piece:
+            self.out.write(piece)
+
+
+class _Zstd:
+    """zstd (one or more frames): the decompressor hands `out` DECODE_STEP bytes at a time, so `out`
+    stops it at the cap; frames asking for a window over MAX_ZSTD_WINDOW are refused."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.w = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_writer(
+            out, write_size=DECODE_STEP, write_return_read=True)
+
+    def write(self, data: bytes) -> None:
+        self.w.write(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class _Decoder:
+    """Undoes a Content-Encoding (a list: the last coding applied is undone first) into `sink`, in
+    bounded steps. Codings other than gzip, deflate and zstd are left as they are, as httpx does."""
+
+    def __init__(self, content_encoding: str, sink: _Capped) -> None:
+        self.encoding = content_encoding.strip() or "identity"
+        self.first = sink
+        for name in (v.strip().lower() for v in content_encoding.split(",")):
+            if name in ("gzip", "x-gzip"):
+                self.first = _Zlib(zlib.MAX_WBITS | 16, self.first)
+            elif name == "deflate":
+                self.first = _Zlib(zlib.MAX_WBITS, self.first)
+            elif name == "zstd":
+                self.first = _Zstd(self.first)
+
+    def write(self, data: bytes) -> None:
+        self.first.write(data)
+
+    def flush(self) -> None:
+        layer = self.first
+        while not isinstance(layer, _Capped):
+            layer.flush()
+            layer = layer.out
+
+
 class Fetcher:
     def __init__(self, reactor: Reactor, *, user_agent: str, timeout_s: float, max_bytes: int,
                  max_connections: int = 64, postprocess: Callable[[FetchResult], None] | None = None):
@@ -84,7 +200,8 @@ class Fetcher:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, headers={"User-Agent": self.user_agent},
+            follow_redirects=False, trust_env=False,
+            headers={"User-Agent": self.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             timeout=httpx.Timeout(self.timeout_s),
             limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections))
         self._ready.set()
@@ -118,16 +235,20 @@ class Fetcher:
                     elif accept is not None and resp.status_code < 300 and not accept(result.media_type):
                         result.skipped = f"content type {result.media_type or 'missing'} is not crawled"
                     else:
-                        chunks: list[bytes] = []
-                        size = 0
-                        async for chunk in resp.aiter_bytes():
-                            if size + len(chunk) > max_bytes:  # cut at the cap, keep what fits
-                                chunks.append(chunk[:max_bytes - size])
-                                result.truncated = True
-                                break
-                            chunks.append(chunk)
-                            size += len(chunk)
-                        result.body = b"".join(chunks)
+                        # raw bytes, decoded here: httpx's own decoders inflate a whole network read at
+                        # once (64 kB of zstd can be gigabytes), before any cap could be checked
+                        body = _Capped(max_bytes)
+                        decoder = _Decoder(resp.headers.get("content-encoding", ""), body)
+                        try:
+                            async for chunk in resp.aiter_raw():
+                                decoder.write(chunk)
+                            decoder.flush()
+                        except _Full:
+                            pass   # cut at the cap, keep what fits
+                        except (zlib.error, zstandard.ZstdError) as exc:
+                            raise httpx.DecodingError(f"cannot decode the {decoder.encoding} body: {exc}") from None
+                        result.body = body.value()
+                        result.truncated = body.truncated
         except TimeoutError:
             result.error = f"timed out after {self.timeout_s:g} s"
         except httpx.TimeoutException as exc:
