@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from agents.config import ConfigError, MeshConfig, _pydantic_problems
 from network.codec import Envelope
 from network.messages import (
-    AgentState, AgentStats, Deregister, Heartbeat, HeartbeatAck, LogLines, LogRead, Message, Ping, Pong, ReadyStatus,
+    REGISTRY, AgentState, AgentStats, Deregister, Heartbeat, HeartbeatAck, LogLines, LogRead, Message, Ping, Pong, ReadyStatus,
     Register, Registered, StateChanged, WaitReady,
 )
 from network.metrics import MeshMetrics
@@ -98,7 +98,7 @@ class Agent:
         self.twin: Peer | None = None
         self._peers: dict[str, Peer] = {}
         self._subscribers: dict[str, Subscriber] = {}
-        self._subscriptions: list[tuple[str, Callable[[Message, Envelope], None]]] = []
+        self._subscriptions: list[tuple[str, str, Callable[[Message, Envelope], None], Any]] = []
         self._metrics_http = None
         self._stop_requested = threading.Event()
         self._registered = False
@@ -140,17 +140,24 @@ class Agent:
                                       max_frame_bytes=self.config.mesh.max_frame_bytes)
         return self._peers[agent]
 
-    def subscribe(self, agent: str, prefix: str, callback: Callable[[Message, Envelope], None]) -> None:
-        """Receives events published by `agent` whose topic starts with `prefix`."""
+    def subscribe(self, agent: str, prefix: str, callback: Callable[[Message, Envelope], None],
+                  message_type: type[Message] | tuple[type[Message], ...] | None = None) -> None:
+        """Receives events published by `agent` whose topic starts with `prefix`. Each publisher gets a SUB
+        socket of its own, so only what `agent`'s port sent (CURVE-authenticated when keys are on) reaches
+        `callback`, and only of `message_type` (by default the type whose name `prefix` is, if it is one):
+        anything else is dropped and counted (`mesh_pubsub_dropped_total{code="unexpected_event"}`)."""
         host = self.config.host_of(agent)
-        sub = self._subscribers.get(host)
-        if sub is None:
-            sub = self._subscribers[host] = Subscriber(self.ctx, self._on_event, metrics=self.metrics, guard=self.guard,
-                                                       max_frame_bytes=self.config.mesh.max_frame_bytes)
+        sub = self._subscribers.get(agent)
+        if sub is None:   # one SUB socket per publisher: what arrives on it came from that agent's port
+            sub = self._subscribers[agent] = Subscriber(
+                self.ctx, lambda topic, env, agent=agent: self._on_event(agent, topic, env), metrics=self.metrics,
+                guard=self.guard, max_frame_bytes=self.config.mesh.max_frame_bytes)
             sub.attach(self.reactor)
-        sub.connect(self.config.endpoint(agent, "pub"), host)
+            sub.connect(self.config.endpoint(agent, "pub"), host)
         sub.subscribe(prefix)
-        self._subscriptions.append((prefix, callback))
+        if message_type is None and prefix in REGISTRY:
+            message_type = REGISTRY[prefix]
+        self._subscriptions.append((agent, prefix, callback, message_type))
 
     def set_state(self, state: AgentState, detail: str = "") -> None:
         if state == self.state and detail == self.detail:
@@ -366,10 +373,16 @@ class Agent:
         if self.state == AgentState.WAITING and event.agent in self.spec.depends_on and event.state in READY_STATES:
             self._twin_soon()
 
-    def _on_event(self, topic: str, env: Envelope) -> None:
-        for prefix, callback in self._subscriptions:
-            if topic.startswith(prefix):
+    def _on_event(self, publisher: str, topic: str, env: Envelope) -> None:
+        handled = False
+        for agent, prefix, callback, message_type in self._subscriptions:
+            if (agent == publisher and topic.startswith(prefix) and env.sender == agent
+                    and (message_type is None or isinstance(env.message, message_type))):
+                handled = True
                 callback(env.message, env)
+        if not handled:   # another publisher on that host, or the wrong type on a topic: never believed
+            self.metrics.dropped.labels("unexpected_event").inc()
+            self.log.debug("dropped event %s (%s) from %r: not subscribed to that", topic, env.type_name, env.sender)
 
     def _on_log_read(self, msg: LogRead, env: Envelope) -> LogLines:
         """Lines of this process's log file (the JSON lines of agents/logs.py), for `meshctl logs` on

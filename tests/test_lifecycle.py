@@ -7,7 +7,10 @@ import urllib.request
 
 import zmq
 
+import time
+
 from agents.control import client, fetch_status
+from agents.echo import EchoAgent
 from agents.health import probe
 from network.messages import Echo, Ping, Register, StateChanged
 from network.metrics import MeshMetrics
@@ -166,3 +169,46 @@ def test_waiting_agent_registers_again_with_a_restarted_twin(write_config, run_a
              what="b known as waiting by the new twin")
     run_agents(cfg, "a")
     wait_for(lambda: set(states(cfg).values()) == {"ready"}, what="all ready")
+
+
+class Listener(EchoAgent):
+    """Subscribes to the twin's state events and to a second publisher on the same host."""
+
+    def setup(self) -> None:
+        self.states: list[StateChanged] = []
+        self.echoes: list[tuple[str, object]] = []
+        self.subscribe(self.config.twin, StateChanged.type_name, lambda m, e: self.states.append(m))
+        self.subscribe("ghost", "echo.", lambda m, e: self.echoes.append((e.sender, m)))
+
+
+def test_events_are_believed_only_from_their_publisher_and_of_their_type(write_config, run_agents):
+    """A publisher squatting on a declared agent's port (ghost) sends a forged twin.state (sender
+    "twin") and wrong types: none reaches a callback; each is dropped and counted."""
+    from network.codec import encode
+
+    _, cfg = write_config(mesh_dict({"listener": {"kind": "tests.test_lifecycle:Listener", "depends_on": ["twin"]},
+                                     "ghost": {"kind": "echo", "required": False}}))
+    [_, listener] = run_agents(cfg, "twin", "listener")
+    wait_for(lambda: fetch_status(cfg).agents[1].state == "ready", what="listener ready")
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(cfg.bind_endpoint("ghost", "pub"))
+    forged = StateChanged(agent="listener", host="local", previous="ready", state="dead", reason="forged")
+    frames = [("twin.state", forged, "twin"),           # another port's topic: its SUB socket never asked for it
+              ("echo.1", forged, "twin"),               # the right topic, a forged sender
+              ("echo.2", forged, "ghost"),              # the right sender, the wrong type... for a typed prefix
+              ("echo.3", Echo(seq=3), "ghost")]         # genuine
+    try:
+        def send_all() -> bool:
+            for topic, msg, sender in frames:
+                pub.send_multipart([topic.encode(), encode(msg, sender=sender)[1]])
+            return any(getattr(m, "seq", None) == 3 for _, m in listener.agent.echoes)
+        wait_for(send_all, interval=0.2, what="the genuine echo through")
+        time.sleep(0.3)
+    finally:
+        pub.close(0)
+        ctx.term()
+    assert listener.agent.states and all(s.reason != "forged" for s in listener.agent.states)
+    assert {sender for sender, _ in listener.agent.echoes} == {"ghost"}     # never the forged "twin"
+    dropped = listener.agent.metrics.sample("mesh_pubsub_dropped_total", {"code": "unexpected_event"})
+    assert dropped >= 1          # the forged sender on echo.1
