@@ -20,7 +20,6 @@ import uuid
 from typing import Any, Callable, ClassVar
 
 import zmq
-from prometheus_client import start_http_server
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agents.config import ConfigError, MeshConfig, _pydantic_problems
@@ -29,7 +28,7 @@ from network.messages import (
     REGISTRY, AgentState, AgentStats, Deregister, Heartbeat, HeartbeatAck, LogLines, LogRead, Message, Ping, Pong, ReadyStatus,
     Register, Registered, StateChanged, WaitReady,
 )
-from network.metrics import MeshMetrics
+from network.metrics import MeshMetrics, serve_metrics
 from network.pubsub import Publisher, Subscriber
 from network.reactor import Reactor, Timer
 from network.rpc import MeshError, Peer, RpcServer
@@ -207,8 +206,7 @@ class Agent:
                                f"port: {exc} (another mesh on this host? set mesh.port_offset)") from None
         host = self.config.hosts[self.host].bind_address
         try:
-            self._metrics_http = start_http_server(self.config.port(self.name, "metrics"), addr=host,
-                                                   registry=self.metrics.registry)
+            self._metrics_http = serve_metrics(self.metrics, self.config.port(self.name, "metrics"), host)
         except OSError as exc:
             raise StartupError(f"agent {self.name}: cannot serve /metrics on {host}:{self.config.port(self.name, 'metrics')}: "
                                f"{exc.strerror}") from None

@@ -100,3 +100,47 @@ class _CountsCollector:
             errors.add_metric([code], n)
         yield messages
         yield errors
+
+
+METRICS_REQUEST_TIMEOUT_S = 10.0
+
+
+def serve_metrics(metrics: MeshMetrics, port: int, addr: str):
+    """Serves `metrics` at http://addr:port/metrics on a daemon thread; returns (server, thread).
+
+    prometheus_client's own server, with two changes for a port anyone on the network can reach: a
+    connection that sends nothing is closed after METRICS_REQUEST_TIMEOUT_S (it would hold a thread
+    for ever), and every malformed request (400, 414, 431 ...) is counted in
+    `mesh_errors_total{code="http_<status>"}`."""
+    import sys
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class Handler(WSGIRequestHandler):
+        timeout = METRICS_REQUEST_TIMEOUT_S
+
+        def log_message(self, format: str, *args) -> None:   # noqa: A002 (the base class's name)
+            pass
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            metrics.error(f"http_{int(code)}")
+            super().send_error(code, message, explain)
+
+    class Server(ThreadingWSGIServer):
+        request_queue_size = 64
+        daemon_threads = True
+
+        def handle_error(self, request, client_address) -> None:
+            exc = sys.exc_info()[1]
+            if isinstance(exc, (TimeoutError, ConnectionError)):   # a client that went quiet or away
+                metrics.error("http_timeout" if isinstance(exc, TimeoutError) else "http_disconnected")
+                return
+            super().handle_error(request, client_address)
+
+    httpd = make_server(addr, port, make_wsgi_app(metrics.registry), Server, handler_class=Handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return httpd, thread
