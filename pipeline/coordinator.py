@@ -30,6 +30,7 @@ from pydantic import Field
 from agents.config import ConfigError, MeshConfig
 from agents.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
+from network.messages import AgentState
 from network.reactor import Timer
 from network.rpc import MeshError
 from pipeline.fetch import REDIRECTS, Fetcher, FetchResult
@@ -218,8 +219,10 @@ class CrawlCoordinator(Agent):
         if room > 0 and backlog < 4 * s.handoff_window:
             try:
                 popped = self.frontier.pop(room)
+                self._frontier_up()
             except FrontierUnavailable as exc:
                 self.log.warning("frontier unavailable (%s); trying again in %.0f s", exc, STORE_RETRY_S)
+                self._frontier_down(exc)
                 self._wake_at(now + STORE_RETRY_S)
                 popped = []
             back = []
@@ -258,7 +261,11 @@ class CrawlCoordinator(Agent):
                 self.in_flight[entry.url] = entry
                 self.fetcher.submit(entry.url, lambda r, e=entry: self._fetched(e, r), accept=self.accept.__contains__)
         if self.buffered == 0 and not self.in_flight and self.budget_used < s.max_pages:
-            due = self.frontier.next_due()
+            try:
+                due = self.frontier.next_due()
+            except FrontierUnavailable as exc:   # look again later, or nothing would wake the idle crawl
+                self._frontier_down(exc)
+                due = time.time() + STORE_RETRY_S
             if due is not None:
                 wake = min(wake, now + max(0.0, due - time.time()) + 0.01)
         if wake < float("inf"):
@@ -337,9 +344,24 @@ class CrawlCoordinator(Agent):
             return  # drained meanwhile: the frontier has it back
         hs = self._host(entry.url)
         hs.active -= 1
-        s = self.settings
         if r.status is not None:
             self.pages += 1
+        try:
+            self._outcome(entry, r)
+        except FrontierUnavailable as exc:
+            # the frontier did not take the outcome, so the URL is still leased there: fetch it again once the
+            # frontier answers (else it would stay leased, never fetched, until the coordinator restarts)
+            self.log.warning("frontier unavailable (%s): %s will be fetched again", exc, entry.url)
+            self._frontier_down(exc)
+            hs.queue.appendleft(entry)
+            self.buffered += 1
+            hs.next_start = max(hs.next_start, time.monotonic() + STORE_RETRY_S)
+        self._pump()
+
+    def _outcome(self, entry: Entry, r: FetchResult) -> None:
+        """Records a fetch's outcome in the frontier (each case's first step is the frontier call, so a
+        FrontierUnavailable leaves nothing half done) and queues a fetched page for the extractor."""
+        s = self.settings
         if r.error is not None or r.status in RETRY_STATUSES:
             why = r.error or f"HTTP {r.status}"
             if entry.attempts < s.max_retries:
@@ -362,7 +384,6 @@ class CrawlCoordinator(Agent):
             self._event(entry, r, "fetched", "truncated at the size cap" if r.truncated else "")
             r.body = None   # the raw store has it; the hand-off needs only the compressed copy
             self.handoff.append((entry, r))
-        self._pump()
 
     def _redirect(self, entry: Entry, r: FetchResult) -> None:
         try:
@@ -458,6 +479,7 @@ class CrawlCoordinator(Agent):
             # the page is stored but the frontier did not take the outcome: deliver it again later (the
             # extractor's upsert makes that harmless) rather than lose its outlinks
             self.log.warning("frontier unavailable (%s): %s goes to the extractor again", exc, entry.url)
+            self._frontier_down(exc)
             self.handoff.append((entry, None))
             self.handoff_paused_until = time.monotonic() + STORE_RETRY_S
             self._wake_at(self.handoff_paused_until)
@@ -488,8 +510,26 @@ class CrawlCoordinator(Agent):
         if self.frontier is None:
             raise MeshError("unavailable", f"crawl coordinator {self.name!r} is not ready yet")
 
+    def _frontier_down(self, exc: Exception) -> None:
+        """The frontier failed: the twin sees this agent degraded, with why, until the frontier answers again."""
+        if self.state == AgentState.READY:
+            self.set_state(AgentState.DEGRADED, f"frontier unavailable: {exc}"[:300])
+
+    def _frontier_up(self) -> None:
+        if self.state == AgentState.DEGRADED and self.detail.startswith("frontier unavailable"):
+            self.log.info("the frontier answers again")
+            self.set_state(AgentState.READY)
+
     def gauges(self) -> dict[str, float]:
-        st = self.frontier.stats()
+        # runs while the heartbeat is built: state changes wait for the reactor's next turn
+        try:
+            st = self.frontier.stats()
+        except FrontierUnavailable as exc:
+            self.reactor.call_later(0, lambda e=exc: self._frontier_down(e))
+            return {"fetched": self.pages, "documents": self.documents, "in_flight": len(self.in_flight),
+                    "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts)}
+        if self.state == AgentState.DEGRADED:
+            self.reactor.call_later(0, self._frontier_up)
         return {"frontier_queued": st["queued"], "frontier_seen": st["seen"], "fetched": self.pages,
                 "failed": st["failed"], "documents": self.documents, "in_flight": len(self.in_flight),
                 "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts)}
@@ -544,13 +584,15 @@ class CrawlCoordinator(Agent):
     def on_prioritize(self, msg: Prioritize, env: Envelope) -> PrioritizeResult:
         self._require_ready()
         result = PrioritizeResult()
+        wanted: dict[str, tuple[str, float]] = {}
         for raw, priority in msg.priorities.items():
             try:
-                url = normalize(raw)
+                wanted[normalize(raw)] = (raw, priority)
             except BadURL:
                 result.not_queued.append(raw)
-                continue
-            if self.frontier.set_priority(url, priority) or self._reprioritize_buffered(url, priority):
+        changed = self.frontier.set_priorities({url: priority for url, (_, priority) in wanted.items()})
+        for url, (raw, priority) in wanted.items():
+            if url in changed or self._reprioritize_buffered(url, priority):
                 result.updated += 1
             else:
                 result.not_queued.append(raw)

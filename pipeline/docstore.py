@@ -263,6 +263,11 @@ class DocStore(ABC):
         """The topic model's results for many documents, in one transaction; returns rows updated."""
 
     @abstractmethod
+    def score_counts(self) -> dict[str, int]:
+        """The topic model's counters as the stored scores have them: `documents` scored, near-`duplicates` (an
+        embedding of their own) and `exact_duplicates` (their original's embedding)."""
+
+    @abstractmethod
     def pending_topic(self, limit: int) -> list[Document]:
         """Up to `limit` extracted documents without an embedding yet, by id: the topic model's work queue."""
 
@@ -362,6 +367,14 @@ class _SQLDocStore(DocStore):
                 n += tx.execute(sql, (sc.embedding_id, sc.duplicate_of, sc.topic, sc.novelty, sc.novelty_kl,
                                       sc.topic_label, weights, now, now, sc.document_id)).rowcount
         return n
+
+    def score_counts(self) -> dict[str, int]:
+        scored, near, exact = self._query(
+            "SELECT COUNT(*), "
+            "SUM(CASE WHEN d.duplicate_of IS NULL OR o.embedding_id = d.embedding_id THEN 0 ELSE 1 END), "
+            "SUM(CASE WHEN d.duplicate_of IS NOT NULL AND o.embedding_id = d.embedding_id THEN 1 ELSE 0 END) "
+            "FROM documents d LEFT JOIN documents o ON o.url = d.duplicate_of WHERE d.embedding_id IS NOT NULL")[0]
+        return {"documents": int(scored), "duplicates": int(near or 0), "exact_duplicates": int(exact or 0)}
 
     def upsert(self, doc: Document) -> str:
         if doc.state not in STATES:

@@ -18,7 +18,7 @@ import re
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
@@ -170,6 +170,10 @@ class Frontier(ABC):
     @abstractmethod
     def set_priority(self, url: str, priority: float) -> bool:
         """Changes the priority of a queued entry; False when `url` is unknown or not queued."""
+
+    def set_priorities(self, priorities: Mapping[str, float]) -> set[str]:
+        """`set_priority` for many URLs (one round trip where the backend allows it); returns the URLs changed."""
+        return {url for url, priority in priorities.items() if self.set_priority(url, priority)}
 
     @abstractmethod
     def get(self, url: str) -> dict | None:
@@ -693,6 +697,23 @@ class RedisFrontier(Frontier):
     def set_priority(self, url: str, priority: float) -> bool:
         _check_priority(priority)
         return self._run(self._set_priority, url, repr(float(priority)), _score(priority)) == 1
+
+    @_redis_errors
+    def set_priorities(self, priorities: Mapping[str, float]) -> set[str]:
+        # one pipelined round trip per chunk: a round trip per URL held the coordinator's loop for seconds when the
+        # curiosity agent re-prioritised hundreds of queued URLs at once
+        for priority in priorities.values():
+            _check_priority(priority)
+        urls = list(priorities)
+        changed: set[str] = set()
+        for i in range(0, len(urls), self.ADD_CHUNK):
+            chunk = urls[i:i + self.ADD_CHUNK]
+            pipe = self._r.pipeline(transaction=False)
+            for url in chunk:
+                p = float(priorities[url])
+                self._set_priority(keys=self._keys, args=[self._e, url, repr(p), _score(p)], client=pipe)
+            changed.update(url for url, reply in zip(chunk, pipe.execute()) if reply == 1)
+        return changed
 
     @_redis_errors
     def get(self, url: str) -> dict | None:

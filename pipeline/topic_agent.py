@@ -36,6 +36,7 @@ from pydantic import Field
 
 from agents.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
+from network.messages import AgentState
 from network.rpc import MeshError
 from pipeline.docstore import Document, DocStore, Scores, StoreUnavailable, open_docstore
 from pipeline.messages import DocScored, DocStored, Generate, Generated, TopicsReply, TopicsRequest, TopicSummary
@@ -204,6 +205,8 @@ class TopicModelAgent(Agent):
             self.by_hash.setdefault(content_hash, original)
             self.by_eid[eid] = original
         replayed = self._replay()
+        # the checkpoint's counters miss what was scored after it (a crash): the stored scores have them all
+        self.counts.update(self.store.score_counts())
         self.log.info("topic model ready in %.1fs: %s on %s, %d vector(s), checkpoint at %d, %d replayed, %d topic(s)",
                       time.monotonic() - started, s.model, self.embedder.device, self.next_eid, self.checkpointed_rows,
                       replayed, len(self.topics.topics()))
@@ -310,7 +313,9 @@ class TopicModelAgent(Agent):
         self.wake.set()
         if self.worker is not None:
             self.worker.join(self.config.mesh.drain_timeout_s)
-            if not self.worker.is_alive() and self.topics is not None:
+            # after a failed batch the index and the topic model hold documents whose scores were never committed
+            # (the store went away under save_scores): no checkpoint then, the next start replays what was committed
+            if not self.worker.is_alive() and self.topics is not None and self.worker_error is None:
                 with self.lock:
                     self._checkpoint()
 
@@ -324,6 +329,7 @@ class TopicModelAgent(Agent):
 
     def _work(self) -> None:
         store = open_docstore(self.config.store_url("documents"))   # this thread's own connection
+        store_down = False
         try:
             while not self.stop.is_set():
                 self.wake.wait(self.settings.poll_s)
@@ -334,7 +340,12 @@ class TopicModelAgent(Agent):
                         docs = store.pending_topic(self.settings.batch_docs)
                     except StoreUnavailable as exc:
                         self.log.warning("document store unavailable: %s", exc)
+                        self.reactor.call_soon_threadsafe(lambda e=exc: self._store_down(e))
+                        store_down = True
                         break
+                    if store_down:
+                        store_down = False
+                        self.reactor.call_soon_threadsafe(self._store_up)
                     if not docs:
                         break
                     lease = self.lease
@@ -358,6 +369,16 @@ class TopicModelAgent(Agent):
             self.request_stop()
         finally:
             store.close()
+
+    def _store_down(self, exc: Exception) -> None:
+        """Reactor thread: the twin sees this agent degraded, with why, while the store does not answer."""
+        if self.state == AgentState.READY:
+            self.set_state(AgentState.DEGRADED, f"document store unavailable: {exc}"[:300])
+
+    def _store_up(self) -> None:
+        if self.state == AgentState.DEGRADED and self.detail.startswith("document store unavailable"):
+            self.log.info("the document store answers again")
+            self.set_state(AgentState.READY)
 
     def _process(self, store: DocStore, docs: list[Document]) -> list[DocScored]:
         """Scores one batch; embedding runs outside the lock, so requests are answered meanwhile."""

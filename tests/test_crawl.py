@@ -228,6 +228,37 @@ def test_the_same_crawl_on_postgresql_and_redis(site, write_config, run_agents, 
         docs.close()
 
 
+def test_fetches_the_frontier_could_not_record_are_fetched_again(site, write_config, run_agents, monkeypatch):
+    """The frontier fails to take a few fetch outcomes (its Redis went away): those URLs are fetched again once
+    it answers, not left leased (idle crawl, pages never stored) until the coordinator restarts."""
+    from pipeline.frontier import FrontierUnavailable, SQLiteFrontier
+
+    refused: list[str] = []
+    mark_fetched = SQLiteFrontier.mark_fetched
+
+    def flaky(self, url: str, fetch_id: str) -> None:
+        if len(refused) < 3:
+            refused.append(url)
+            raise FrontierUnavailable("the frontier went away (test)")
+        mark_fetched(self, url, fetch_id)
+
+    monkeypatch.setattr(SQLiteFrontier, "mark_fetched", flaky)
+    _, cfg = write_config(crawl_config(site, max_depth=1))
+    run_agents(cfg, "twin", "extractor", "crawler")
+    status = wait_idle(cfg)
+    rows = frontier_rows(cfg)
+    assert len(refused) == 3 and all(rows[u]["state"] == "done" for u in refused)
+    for url in set(refused):   # fetched again after each refusal, then recorded
+        assert len(site.hits(url.split(site.host, 1)[1])) == refused.count(url) + 1
+    assert status.leased == 0 and all(r["state"] in ("done", "failed") for r in rows.values())
+    docs = open_docstore(cfg.store_url("documents"))
+    try:
+        assert {d.url for d in docs.documents()} == site.expected_html_pages(
+            1, retries=2, timeout_s=FAST["timeout_s"], max_bytes=10**9) | {site.url("/doc.pdf")}
+    finally:
+        docs.close()
+
+
 def test_extractor_refuses_bad_pages_and_keeps_serving(write_config, run_agents):
     import zstandard
 

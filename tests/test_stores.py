@@ -248,6 +248,17 @@ def test_set_priority_reorders_queued_only(frontier: Frontier):
     assert urls(frontier.pop(10, now=T0 + 50)) == [u("w"), u("a"), u("b")]
 
 
+def test_set_priorities_many_at_once(frontier: Frontier):
+    add(frontier, "a", "b", "c")
+    frontier.pop(1, now=T0)                                      # a: leased
+    assert frontier.set_priorities({u("a"): 5.0, u("b"): 1.0, u("c"): 2.0, u("nope"): 3.0}) == {u("b"), u("c")}
+    assert frontier.get(u("c"))["priority"] == 2.0
+    assert urls(frontier.pop(10, now=T0)) == [u("c"), u("b")]
+    assert frontier.set_priorities({}) == set()
+    with pytest.raises(ValueError, match="finite"):
+        frontier.set_priorities({u("b"): float("nan")})
+
+
 def test_stats_and_next_due(frontier: Frontier):
     assert frontier.stats() == {"queued": 0, "leased": 0, "fetched": 0, "done": 0, "failed": 0, "seen": 0}
     assert frontier.next_due() is None
@@ -355,6 +366,21 @@ def test_save_scores_in_one_batch_and_reset_on_new_content(docstore: DocStore):
     got = docstore.get(u("a"))
     assert (got.topic, got.novelty_kl, got.topic_weights, got.scored_at) == (None, None, None, None)
     assert docstore.schema_version() == 2
+
+
+def test_score_counts_from_the_stored_scores(docstore: DocStore):
+    from pipeline.docstore import Scores
+
+    assert docstore.score_counts() == {"documents": 0, "duplicates": 0, "exact_duplicates": 0}
+    a, near, exact, pending = doc("a"), doc("near", content="v2"), doc("exact"), doc("pending", content="v3")
+    for d in (a, near, exact, pending):
+        docstore.upsert(d)
+    docstore.save_scores([
+        Scores(document_id=a.id, embedding_id=0, topic=1),
+        Scores(document_id=near.id, embedding_id=1, duplicate_of=u("a"), topic=1),    # an embedding of its own
+        Scores(document_id=exact.id, embedding_id=0, duplicate_of=u("a"), topic=1),   # the original's
+    ])
+    assert docstore.score_counts() == {"documents": 3, "duplicates": 1, "exact_duplicates": 1}
 
 
 def test_set_topic_fields_sets_only_what_is_given(docstore: DocStore):
