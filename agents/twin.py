@@ -129,6 +129,7 @@ class DigitalTwin(Agent):
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=s.alerts_kept)
         self.history: collections.deque[dict] = collections.deque(maxlen=s.history_len)
         self.dashboard = None
+        self.host_back: dict[str, float] = {}   # monotonic time each host became reachable again
         self.records: dict[str, Record] = {
             name: Record(agent=name, kind=spec.kind, host=cfg.host_of(name), group=cfg.group_of(name),
                          required=spec.required, depends_on=list(spec.depends_on))
@@ -340,6 +341,8 @@ class DigitalTwin(Agent):
         log = self.log.warning if state == HostState.UNREACHABLE else self.log.info
         log("host %s: %s -> %s (%s)", host, previous, state, reason)
         self.publish(HostChanged(host=host, previous=previous, state=state, reason=reason))
+        if previous == HostState.UNREACHABLE:
+            self.host_back[host] = time.monotonic()
         if state == HostState.UNREACHABLE:
             self._alert(AlertKind.HOST_UNREACHABLE, "critical", f"host {host} is unreachable: {reason}", host=host)
         elif previous == HostState.UNREACHABLE:
@@ -352,22 +355,33 @@ class DigitalTwin(Agent):
         now = time.monotonic()
         silent_by_host: dict[str, list[Record]] = {}
         heard: set[str] = set()
+        newest: dict[str, float] = {}    # per host: the last time any of its agents was heard
         for rec in self.records.values():
             if rec.agent == self.name or rec.last_seen is None:
                 continue
             if rec.loading_since is not None and now - rec.loading_since <= self.settings.loading_grace_s:
                 continue    # busy in on_ready (loading a model on its reactor thread): not heard, not dead yet
+            newest[rec.host] = max(newest.get(rec.host, 0.0), rec.last_seen)
             if now - rec.last_seen <= self.dead_after:
                 heard.add(rec.host)
             elif rec.state in LIVE or rec.state in SILENT:
                 silent_by_host.setdefault(rec.host, []).append(rec)
         missed = self.config.mesh.dead_after_missed
+        interval = self.config.mesh.heartbeat_interval_s
         for host, silent in silent_by_host.items():
-            cut_off = host != self.host and host not in heard
+            remote = host != self.host
+            cut_off = remote and host not in heard
+            if remote and not cut_off and now - newest[host] > 1.5 * interval:
+                # its other agents are going quiet too: a link going down, not this agent dying; the next
+                # sweeps say which (the host unreachable once all are silent, or this one dead)
+                continue
             if cut_off and self.host_states[host] != HostState.UNREACHABLE:
                 self._set_host(host, HostState.UNREACHABLE,
                                f"no agent of {host} ({self.config.hosts[host].address}) heard for {self.dead_after:.1f}s")
             for rec in silent:
+                if (not cut_off and rec.reported == AgentState.UNREACHABLE
+                        and now - self.host_back.get(host, -1e9) <= self.dead_after):
+                    continue    # its host is back: give its heartbeat the time to arrive before calling it dead
                 state = AgentState.UNREACHABLE if cut_off else AgentState.DEAD
                 if rec.reported != state:
                     rec.reported = state

@@ -168,6 +168,11 @@ def test_partition_marks_pc2_unreachable_and_heals_without_restarts(mesh, lab):
     assert {a: s["pid"] for a, s in after.items()} == {a: s["pid"] for a, s in before.items()}
     assert all(s["restarts"] == 0 for s in after.values())
     assert {h["host"]: h["state"] for h in mesh.status()["hosts"]}["pc2"] == "reachable"
+    twin_log = [json.loads(line)["message"] for line in (mesh.tmp / "mainpc" / "logs" / "twin.log").read_text().splitlines()]
+    died = [m for m in twin_log if "-> dead" in m or m.startswith("alert agent_dead")]
+    assert not died, f"a partition is not a death (unreachable, then ready): {died}"
+    assert any(m.startswith("alert host_unreachable: host pc2") for m in twin_log)
+    assert any(m.startswith("alert host_recovered: host pc2") for m in twin_log)
     out, err = sender.communicate(timeout=60)
     assert sender.returncode == 0, err
     assert out.split() == [str(i) for i in range(work)], "a request in flight was lost or answered out of order"
