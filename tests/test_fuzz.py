@@ -13,52 +13,11 @@ from hypothesis import strategies as st
 
 from agents.control import client, fetch_status
 from network.codec import encode
-from network.messages import REGISTRY, Echo, Ping
+from network.messages import Echo, Ping
 from tests.conftest import mesh_dict, wait_for
-from tests.samples import SAMPLES
+from tests.fuzz.strategies import envelopes, mangled_valid, msgpack_values
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
-
-msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
-    | st.binary(max_size=40),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=6),
-    max_leaves=20,
-)
-
-
-@st.composite
-def envelopes(draw):
-    """Frames that look like the real thing, with one or more fields wrong."""
-    type_name = draw(st.sampled_from(sorted(REGISTRY)) | st.text(max_size=12))
-    fields = [
-        draw(st.sampled_from([1, 1, 1, 0, 2, "1"])),
-        type_name,
-        draw(st.sampled_from([1, 1, 2, -1, "1"])),
-        draw(st.binary(min_size=16, max_size=16) | st.binary(max_size=20)),
-        draw(st.just(b"") | st.binary(min_size=16, max_size=16) | st.binary(max_size=20)),
-        draw(st.text(max_size=10) | st.integers(-(2**31), 2**31)),
-        draw(st.floats() | st.integers(-(2**31), 2**31)),
-        draw(st.dictionaries(st.text(max_size=10), msgpack_values, max_size=5) | msgpack_values),
-    ]
-    cut = draw(st.integers(0, 9))
-    return msgpack.packb(fields[:cut] if cut < 8 else fields, use_bin_type=True)
-
-
-@st.composite
-def mangled_valid(draw):
-    """A valid frame of a real type, then truncated, extended or bit-flipped."""
-    _, frame = encode(draw(st.sampled_from(list(SAMPLES.values()))), sender="fuzz")
-    how = draw(st.sampled_from(["truncate", "append", "flip", "replay"]))
-    if how == "truncate":
-        return frame[: draw(st.integers(0, len(frame) - 1))]
-    if how == "append":
-        return frame + draw(st.binary(min_size=1, max_size=10))
-    if how == "flip":
-        i = draw(st.integers(0, len(frame) - 1))
-        return frame[:i] + bytes([frame[i] ^ draw(st.integers(1, 255))]) + frame[i + 1:]
-    return frame
-
 
 frames = st.lists(
     st.binary(max_size=64) | envelopes() | mangled_valid() | msgpack_values.map(lambda v: msgpack.packb(v)),
