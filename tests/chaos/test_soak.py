@@ -40,7 +40,7 @@ from pipeline.messages import CrawlStatusRequest
 from tests.conftest import ROOT, mesh_dict, wait_for
 from tests.site import Site
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(float(os.environ.get("MESH_SOAK_S", "600"))) + 300)]
 
 SOAK_S = float(os.environ.get("MESH_SOAK_S", "600"))
 SOAK_RPS = float(os.environ.get("MESH_SOAK_RPS", "100"))
