@@ -92,7 +92,7 @@ def test_killed_agent_loses_only_updates_since_its_checkpoint_and_the_crawl_goes
                                                       "per_host_concurrency": 2},
                                              curiosity={"checkpoint_every": 40, "checkpoint_s": 600}))
     # restart the killed agent only after a pause, so the crawl visibly runs without it
-    up = mesh_up(path, "--restart-backoff", "4")
+    up = mesh_up(path, "--restart-backoff", "8")
     with client(cfg, "curiosity", timeout=1.0) as cur, client(cfg, "crawler", timeout=1.0) as cr:
         before = wait_for(lambda: (s := cur.request(CuriosityStatusRequest())).checkpointed_updates > 0
                           and s.updates > s.checkpointed_updates and s, timeout=180, interval=0.1,
@@ -104,7 +104,7 @@ def test_killed_agent_loses_only_updates_since_its_checkpoint_and_the_crawl_goes
         # while it is down the coordinator goes on, in the order it was last given
         wait_for(lambda: cr.request(CrawlStatusRequest()).documents >= docs_at_kill + 5, timeout=30, interval=0.1,
                  what="pages stored while the curiosity agent is down")
-        assert time.monotonic() - killed_at < 4.0    # the supervisor waits 4 s before it starts the agent again
+        assert time.monotonic() - killed_at < 8.0    # the supervisor waits 8 s before it starts the agent again
         wait_for(lambda: cur.request(Ping()).pid != pid, timeout=60, what="the curiosity agent restarted")
         after = wait_for(lambda: (s := cur.request(CuriosityStatusRequest())) and s, timeout=60, what="status")
     log = (cfg.mesh.data_dir / "logs" / "curiosity.log").read_text()
