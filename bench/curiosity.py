@@ -11,11 +11,12 @@ pipeline.extract (trafilatura) normalised by pipeline.urls, their document vecto
 near-duplicate index (pipeline.dedup.DuplicateIndex at the agent's 0.85) and a fresh online topic model
 (pipeline.topicmodel.OnlineTopics with the agent's settings) fed in fetch order, as the topic model agent does; the
 link texts are embedded by the same MiniLM model (cached in data/bench/ too); and the curiosity policy is
-pipeline.curiosity.CuriosityPolicy with its default settings (or those given with --set), called as the curiosity
-agent calls it: `score` on the links of every fetched page when they are discovered (crawl.discovered), `score` again
-on the whole queued frontier every `rescore_every` pages (crawl.prioritize), `observe` on every fetched page with its
-semantic vector, topic, novelty and duplicate flag (doc.scored), or with None when the fetch gave no document, then
-`learn(learn_steps)`. Each curious crawl starts with a new, untrained policy: all it knows it learns in the crawl.
+pipeline.curiosity.CuriosityPolicy with its default settings (or those given with --set), on one torch thread as in
+the agent (`torch_threads`), called as the curiosity agent calls it: `score` on the links of every fetched page when
+they are discovered (crawl.discovered), `score` again on the whole queued frontier every `rescore_every` pages
+(crawl.prioritize), `observe` on every fetched page with its semantic vector, topic, novelty and duplicate flag
+(doc.scored), or with None when the fetch gave no document, then `learn(learn_steps)`. Each curious crawl starts with
+a new, untrained policy: all it knows it learns in the crawl.
 
 What is replayed: the fetching. The link graph is built once from the files and every page embedded once (cached in
 data/bench/, keyed by the file list, sizes and times, and the embedding settings; the run says whether the cache was
@@ -41,13 +42,16 @@ Measures, per crawl:
   is at least --novel-bar (default 0.1; the topic model's documents of well-known subjects score about 0.001-0.05,
   those that open or join a young topic far more).
 
-Random and curiosity run over --seeds seeds (default 5: 0..4), bfs once (it has no randomness). The table has every
-crawl (with the topics reached after 25, 50 and 75 pages: @25 @50 @75) and the means; the last line is
+Random and curiosity run over --seeds seeds (default 30: 0..29), bfs once (it has no randomness). 30 because the
+curious crawls' topic counts spread by about 0.8 topics over seeds: with 5 the mean moves by +-0.4 topics (+-1 % of
+the ratio) from one draw of seeds to another; with 30 its standard error is about 0.15 (printed with the means).
+The table has every crawl (with the topics reached after 25, 50 and 75 pages: @25 @50 @75) and the means; the last
+line is
   RESULT topics_vs_bfs=<curiosity topics / bfs topics> novel_vs_bfs=<curiosity novel / bfs novel>
          topics_vs_random=<curiosity topics / random topics>
 (ratios of means). Target: topics_vs_bfs >= 1.2.
 
-Usage: .venv/bin/python bench/curiosity.py [--budget 100] [--seeds 5] [--clusters 50] [--novel-bar 0.1]
+Usage: .venv/bin/python bench/curiosity.py [--budget 100] [--seeds 30] [--clusters 50] [--novel-bar 0.1]
                                           [--set KEY=VALUE ...]   (CuriosityParams, e.g. --set novelty_weight=0)
 """
 
@@ -385,7 +389,7 @@ def _setting(text: str) -> tuple[str, object]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=int, default=100, help="pages fetched per crawl")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds for random and curiosity (0..N-1)")
+    ap.add_argument("--seeds", type=int, default=30, help="seeds for random and curiosity (0..N-1)")
     ap.add_argument("--clusters", type=int, default=50, help="k of the reference clustering")
     ap.add_argument("--novel-bar", type=float, default=0.1, help="novelty from which a document counts as novel")
     ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
@@ -397,6 +401,9 @@ def main() -> int:
     import torch
 
     from pipeline.curiosity import CuriosityParams
+
+    torch.set_num_threads(1)   # as the curiosity agent runs it (torch_threads: 1): its networks are small, and on a
+    #                            busy 2-core machine two threads made a crawl slower, not faster (97 s against 22 s)
 
     settings = dict(args.set)
     params = CuriosityParams(**{"device": "cpu", **settings})   # refuses unknown settings before anything runs
@@ -436,7 +443,9 @@ def main() -> int:
     print()
     for order, crawls in results.items():
         t = [len(c.clusters) for c in crawls]
-        print(f"{order:<10} mean topics {statistics.fmean(t):5.1f} (min {min(t)}, max {max(t)}), opened "
+        se = statistics.stdev(t) / len(t) ** 0.5 if len(t) > 1 else 0.0
+        print(f"{order:<10} mean topics {statistics.fmean(t):5.1f} +- {se:.2f} (standard error; min {min(t)}, max "
+              f"{max(t)}), opened "
               f"{mean(order, lambda c: c.opened):5.1f}, docs {mean(order, lambda c: c.docs):5.1f}, novel "
               f"{mean(order, lambda c: c.novel):5.1f}, dups {mean(order, lambda c: c.dups):4.1f}, nodoc "
               f"{mean(order, lambda c: c.nodoc):4.1f}, {mean(order, lambda c: c.seconds):.1f}s per crawl")

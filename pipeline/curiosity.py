@@ -31,39 +31,56 @@ Its priority is ``value + diversity_weight * diversity`` plus exploration noise:
   transitions against the reward as it is *now*: the intrinsic part is recomputed with the current forward model at
   every step, so kinds of link whose destinations have become predictable sink, as do kinds that lead to duplicates
   or to nothing extractable. Its last layer starts at zero: no preference before anything is learnt;
-* diversity: an episodic novelty term, after the episodic memory of Never Give Up (Badia et al., ICLR 2020):
-  ``1 - (highest cosine similarity between the link's text embedding and those of the links followed so far)``.
-  Why: the value head learns what *kind* of link tends to pay, over the whole replay buffer, and cannot know that the
-  subject a link points to was covered ten pages ago (the novelty it learnt from was measured back then); the
-  episodic term knows at once, without training. The comparison is between link texts, not between a link and the
-  fetched pages: a link's text and its page's text are far apart in the embedding space (cosine 0.5 on average on the
-  python3-doc site) and an uninformative anchor ("[4]", "Paste") looks far from every page, so link-to-page
-  similarity favours the least informative links; link-to-link similarity does not;
+* diversity: an episodic novelty term, after the episodic memory of Never Give Up (Badia et al., ICLR 2020), taken
+  where the link is predicted to lead: ``1 - (highest cosine similarity between the link's predicted destination and
+  the pages fetched so far)`` (the episodic memory holds the semantic vectors of the last `memory_size` fetched
+  pages). Why episodic: the value head learns what *kind* of link tends to pay, over the whole replay buffer, and
+  cannot know that the subject a link points to was covered ten pages ago (the novelty it learnt from was measured
+  back then); the episodic term knows at once. Why a predicted destination: a link's text and its page's text are far
+  apart in the embedding space (cosine 0.5 on average on the python3-doc site) and an uninformative anchor ("[4]",
+  "Paste") looks far from every page, so raw link-to-page similarity favours the least informative links; and
+  link-to-link similarity (the text of a link against those of the links followed, this term's earlier form) says how
+  links *read*, not where they lead. The destination model is a ridge regression from a link's text vector l to the
+  vector p of the page it led to, pulled towards the identity and fitted in closed form on the replay buffer's
+  transitions that gave a document (L, P: their link and page vectors as rows):
+  ``W = I + (L^T L + destination_ridge * I)^-1 L^T (P - L)``, destination ``normalise(l W)``. Before any document it
+  is l itself; a few dozen fetches teach it the shift from anchor space to page space (on bench/curiosity.py, over the
+  links still queued, the mean cosine to the true page goes from 0.55 for the link text to 0.67 for the prediction
+  after 25 fetched pages and 0.72 after 100). Its statistics are updated as transitions enter and leave the buffer,
+  and W is solved again (384 x 384) when they changed and links are scored;
 * exploration: Boltzmann exploration at `temperature` by the Gumbel-max trick (adding ``temperature * Gumbel(0, 1)``
   to the priorities makes the highest one a draw from a softmax over them at that temperature, which survives the
   crawl coordinator's plain "highest priority first"; the best links differ by about 0.01, so the default only breaks
   near-ties), and, with probability `epsilon` per link, a priority drawn uniformly between the lowest and the highest
   of the batch. The noise comes from the policy's own seeded generator, which the checkpoint keeps.
 
-What each part does on bench/curiosity.py (python3-doc, 100 pages from index.html, 5 seeds): the episodic term is
-what finds new subjects (without it, diversity_weight=0, the crawl reaches fewer of the reference topics than
-breadth-first, 36.2 against 37, though it fetches 1.7 times as many pages the topic model calls novel); the value head
-learns what it is rewarded for, so `novelty_weight` trades one for the other (0: 43.8 topics, 41 novel pages; 0.1:
-42.8 and 41; 0.25: 41.4 and 46). The topic model's novelty says "new to the coarse online topics" (about a dozen here)
-and hardly tells apart pages of a new subject in a finer sense (ROC AUC 0.46 to 0.56 against a 50-cluster reference),
-hence its low default weight. Fresh priorities after every page rather than every 4 (`rescore_every`) were worth
-one topic (41.4 against 40.4, novelty_weight 0.25).
+What each part does on bench/curiosity.py (python3-doc, 100 pages from index.html, seeds 0-4; breadth-first reaches 37
+of the 50 reference topics): the episodic term is what finds new subjects (without it, diversity_weight=0, 37.0
+topics, no better than breadth-first); taken at the predicted destination it reaches 44.2 topics and 57 pages the
+topic model calls novel, against 42.6 and 40 for the link-to-link form (1.195 times breadth-first; over seeds 0-29,
+44.7 and 1.207 times). That is close to what this kind of ordering can reach at all: choosing the 100 pages greedily
+for diversity *knowing every page's true vector in advance* (farthest-first, or facility location) covers 45-46
+topics; only an ordering that knows the reference topics themselves (greedy over the link graph) gets all 50, by 60
+pages. The value head barely moves the topic count now (all reward weights 0: 45.0; `novelty_weight` 0: 45.0 topics,
+61 novel; 0.1: 44.2 and 57; 0.25: 44.6 and 57; over seeds 15-29, 0 against 0.1 differ by 0.2 +- 0.24 topics): it is
+what learns from duplicates and fetches without a document, which this site hardly has (0 to 1 per crawl). The topic
+model's novelty says "new to the coarse online topics" (about a dozen here) and hardly tells apart pages of a new
+subject in a finer sense (ROC AUC 0.46 to 0.56 against a 50-cluster reference), hence its low default weight. Fresh
+priorities every 4 pages instead of every page (`rescore_every`) made no difference here (44.2 both);
+`destination_ridge` 0.5 and 2 gave 44.7 and 43.8 against 45.1 for 1 (seeds 5-14).
 
 Priorities go stale as the memory grows: the agent sends fresh ones for the queued frontier every `rescore_every`
-fetched pages (scoring takes about 0.1 s per 2,000 links on this project's 2-core test machine once their texts are embedded,
-and `learn(4)` about 30 ms).
+fetched pages (scoring takes about 0.1 s per 2,000 links on this project's 2-core test machine once their texts are
+embedded, the destination model's solve included; `observe` about 8 ms and `learn(4)` about 30 ms).
 
 Learning is online: `observe` stores a transition in a replay buffer (`replay_size`; the oldest is overwritten) and
 `learn` takes Adam steps on batches drawn uniformly from it, each with the newest transition in it so a fetch counts
-at once. `save` writes the weights, the optimiser state, the buffer, the episodic memory, the counters and the
-generator state to one file atomically (temporary file, fsync, os.replace); `load` refuses a file made with other
-network shapes and names the settings that differ. The policy runs on the CPU unless given a GPU (`set_device`); it is
-small (0.42 million weights), so the CPU keeps up with a crawl.
+at once. `save` writes the weights, the optimiser state, the buffer, the destination model's statistics, the episodic
+memory, the counters and the generator state to one file atomically (temporary file, fsync, os.replace); `load`
+refuses a file made with other network shapes and names the settings that differ. A version 2 file (whose episodic
+memory held link texts) is read with the memory and the destination model rebuilt from its replay buffer. The policy
+runs on the CPU unless given a GPU (`set_device`); it is small (0.42 million weights), so the CPU keeps up with a
+crawl.
 
 Not thread-safe: callers serialise access.
 """
@@ -88,7 +105,8 @@ from torch.nn import functional as F
 from pipeline.files import atomic_write_bytes
 
 FORMAT = "agent-mesh/curiosity"
-FORMAT_VERSION = 2   # 2: the replay buffer keeps novelty and duplicate flags, not a weighted reward
+FORMAT_VERSION = 3   # 2: the replay buffer keeps novelty and duplicate flags, not a weighted reward;
+                     # 3: the episodic memory holds fetched pages, not followed links (2 is still read)
 SHAPE_FIELDS = ("embedding_dim", "hidden", "feature_dim", "url_buckets", "host_buckets", "topic_slots")
 _EXTRA_STATE = 3    # novelty, duplicate, "there is a parent page"
 _EXTRA_ACTION = 7   # 1/(1+depth), depth/10 (capped), no anchor words, same host, same directory, a query, diversity
@@ -145,8 +163,10 @@ class CuriosityParams(BaseModel):
     novelty_weight: float = Field(0.1, ge=0, description="weight of the topic model's novelty in the extrinsic reward")
     duplicate_penalty: float = Field(0.5, ge=0, description="extrinsic reward lost by a fetch that gives a duplicate")
     failure_penalty: float = Field(0.2, ge=0, description="extrinsic reward lost by a fetch that gives no document")
-    diversity_weight: float = Field(1.0, ge=0, description="weight of a link's episodic novelty against the links "
-                                    "followed so far")
+    diversity_weight: float = Field(1.0, ge=0, description="weight of a link's episodic novelty: how far the page it "
+                                    "is predicted to lead to lies from the pages fetched so far")
+    destination_ridge: float = Field(1.0, gt=0, description="ridge penalty of the destination model (link text -> "
+                                     "page vector), which pulls it towards the identity")
     embedding_dim: int = Field(384, ge=1, description="size of the semantic vectors (all-MiniLM-L6-v2: 384)")
     hidden: int = Field(128, ge=4, le=8192, description="hidden units of every network")
     feature_dim: int = Field(64, ge=2, le=4096, description="size of the ICM state features phi(s)")
@@ -155,7 +175,7 @@ class CuriosityParams(BaseModel):
     topic_slots: int = Field(32, ge=1, le=4096, description="topic one-hot size (topic id modulo slots)")
     batch_size: int = Field(32, ge=1, le=4096, description="transitions per optimisation step")
     replay_size: int = Field(4096, ge=1, le=1 << 20, description="transitions kept for learning")
-    memory_size: int = Field(8192, ge=1, le=1 << 20, description="followed links kept for the episodic novelty")
+    memory_size: int = Field(8192, ge=1, le=1 << 20, description="fetched pages kept for the episodic novelty")
     learn_steps: int = Field(4, ge=0, le=1000, description="optimisation steps per observed page (for the agent)")
     rescore_every: int = Field(1, ge=1, description="fetched pages between fresh priorities for the queued frontier "
                                "(for the agent; raise it for frontiers of many thousands)")
@@ -284,9 +304,13 @@ class CuriosityPolicy:
                         "novelty": np.zeros(n, np.float32), "duplicate": np.zeros(n, np.float32)}
         self._replay_count = 0    # filled rows
         self._replay_next = 0     # the row the next transition goes to
-        self._memory = np.zeros((params.memory_size, e), np.float32)
+        self._memory = np.zeros((params.memory_size, e), np.float32)   # fetched pages' vectors (a ring)
         self._memory_count = 0
         self._memory_next = 0
+        # the destination model's sufficient statistics over the replay buffer's transitions with a document
+        self._gram = np.zeros((e, e), np.float64)      # sum of l l^T (l: link text vector)
+        self._cross = np.zeros((e, e), np.float64)     # sum of l (p - l)^T (p: the page's vector)
+        self._destination_w: np.ndarray | None = None  # I + (gram + ridge I)^-1 cross, when fresh
         self._text_vectors: dict[str, np.ndarray] = {}   # link text -> vector, bounded (oldest dropped first)
         self._url_rows: dict[str, np.ndarray] = {}       # url -> hashed token row, likewise
 
@@ -369,12 +393,42 @@ class CuriosityPolicy:
                 del self._url_rows[next(iter(self._url_rows))]
         return row
 
+    def destination(self, links: np.ndarray) -> np.ndarray:
+        """Where links lead, predicted from their text vectors (n, embedding_dim): the destination model's page
+        vectors, L2-normalised (the text vectors themselves before any fetch gave a document)."""
+        links = np.asarray(links, dtype=np.float32)
+        if self._destination_w is None:
+            e = self.params.embedding_dim
+            if not self._gram.any():
+                return links
+            a = self._gram + self.params.destination_ridge * np.eye(e)
+            self._destination_w = (np.eye(e) + np.linalg.solve(a, self._cross)).astype(np.float32)
+        out = links @ self._destination_w
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def _fit_transition(self, link: np.ndarray, page: np.ndarray, sign: float) -> None:
+        """Adds (sign 1) or removes (sign -1) one (link text, page) pair from the destination model."""
+        link64 = link.astype(np.float64)
+        self._gram += sign * np.outer(link64, link64)
+        self._cross += sign * np.outer(link64, page.astype(np.float64) - link64)
+        self._destination_w = None
+
+    def _refit_destination(self) -> None:
+        """The destination model from the replay buffer's transitions with a document (after a load)."""
+        e = self.params.embedding_dim
+        rows = np.flatnonzero(self._replay["has_next"][:self._replay_count] > 0)
+        links = self._replay["action"][rows, :e].astype(np.float64)
+        pages = self._replay["next_state"][rows, :e].astype(np.float64)
+        self._gram = links.T @ links
+        self._cross = links.T @ (pages - links)
+        self._destination_w = None
+
     def _diversity(self, links: np.ndarray) -> np.ndarray:
-        """1 - the highest cosine similarity of each link text vector to those of the links followed so far."""
+        """1 - the highest cosine similarity of each link's predicted destination to the pages fetched so far."""
         memory = self._memory[:self._memory_count]
         if not len(memory):
             return np.ones(len(links), np.float32)
-        return np.clip(1.0 - (links @ memory.T).max(axis=1), 0.0, 1.0)
+        return np.clip(1.0 - (self.destination(links) @ memory.T).max(axis=1), 0.0, 1.0)
 
     # --- scoring --------------------------------------------------------------------------------------------------
 
@@ -441,12 +495,16 @@ class CuriosityPolicy:
 
     def observe(self, candidate: Candidate, page: PageState | None) -> Reward:
         """Records that following `candidate` gave `page` (None: the fetch gave no document) and returns its reward.
-        The transition goes into the replay buffer (`learn` trains on it) and the link into the episodic memory."""
+        The transition goes into the replay buffer (`learn` trains on it) and the destination model, and the page
+        into the episodic memory."""
         p = self.params
         xs = self.state_features(candidate.parent)
         xa = self.action_features([candidate])[0]
         row = self._replay_next
         r = self._replay
+        e = p.embedding_dim
+        if row < self._replay_count and r["has_next"][row]:   # the transition overwritten leaves the destination model
+            self._fit_transition(r["action"][row, :e], r["next_state"][row, :e], -1.0)
         r["state"][row], r["action"][row] = xs, xa
         if page is None:
             r["next_state"][row], r["has_next"][row], r["novelty"][row], r["duplicate"][row] = 0.0, 0.0, 0.0, 0.0
@@ -459,7 +517,8 @@ class CuriosityPolicy:
             r["next_state"][row], r["has_next"][row] = xn, 1.0
             r["novelty"][row], r["duplicate"][row] = novelty, float(page.duplicate)
             reward = Reward(intrinsic=intrinsic, extrinsic=extrinsic, total=intrinsic + extrinsic)
-        self._remember(xa[:p.embedding_dim])
+            self._fit_transition(xa[:e], xn[:e], 1.0)
+            self._remember(xn[:e])
         self._replay_next = (row + 1) % p.replay_size
         self._replay_count = min(self._replay_count + 1, p.replay_size)
         self.observed += 1
@@ -519,8 +578,8 @@ class CuriosityPolicy:
     # --- persistence ----------------------------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        """Weights, optimiser state, replay buffer, episodic memory, counters and generator state in one file,
-        written to a temporary file beside `path`, fsynced, then moved over it (os.replace)."""
+        """Weights, optimiser state, replay buffer, destination model, episodic memory, counters and generator state
+        in one file, written to a temporary file beside `path`, fsynced, then moved over it (os.replace)."""
         path = Path(path)
         p = self.params
         n = self._replay_count
@@ -535,6 +594,7 @@ class CuriosityPolicy:
             "replay_next": self._replay_next,
             "memory": torch.from_numpy(self._memory[:self._memory_count].copy()),
             "memory_next": self._memory_next,
+            "destination": {"gram": torch.from_numpy(self._gram.copy()), "cross": torch.from_numpy(self._cross.copy())},
             "rng": json.dumps(self.rng.bit_generator.state),
         }
         buf = io.BytesIO()
@@ -557,9 +617,10 @@ class CuriosityPolicy:
             raise CuriosityError(f"{path}: not a readable curiosity checkpoint ({type(e).__name__}: {e})") from e
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise CuriosityError(f"{path}: not a curiosity policy checkpoint")
-        if state.get("version") != FORMAT_VERSION:
-            raise CuriosityError(f"{path}: curiosity checkpoint version {state.get('version')}, this code reads "
-                                 f"version {FORMAT_VERSION}")
+        version = state.get("version")
+        if version not in (2, FORMAT_VERSION):
+            raise CuriosityError(f"{path}: curiosity checkpoint version {version}, this code reads versions 2 and "
+                                 f"{FORMAT_VERSION}")
         saved = state.get("shape") or {}
         differ = [f"{f}={saved.get(f)} (settings: {getattr(params, f)})" for f in SHAPE_FIELDS
                   if saved.get(f) != getattr(params, f)]
@@ -584,8 +645,24 @@ class CuriosityPolicy:
             memory = state["memory"].numpy()
             if memory.ndim != 2 or memory.shape[1] != params.embedding_dim:
                 raise CuriosityError(f"memory has shape {tuple(memory.shape)}")
+            e = params.embedding_dim
+            if version == 2:   # its memory held followed links' texts: the pages in the replay buffer stand in
+                order = (np.arange(policy._replay_count) + (policy._replay_next if policy._replay_count
+                                                            == params.replay_size else 0)) % params.replay_size
+                order = order[policy._replay["has_next"][order] > 0]
+                memory, memory_next = policy._replay["next_state"][order, :e], len(order)
+            else:
+                memory_next = int(state["memory_next"])
             policy._memory_count, policy._memory_next = _restore_ring(
-                {"m": memory}, int(state["memory_next"]), {"m": policy._memory}, params.memory_size)
+                {"m": memory}, memory_next, {"m": policy._memory}, params.memory_size)
+            destination = state.get("destination")
+            if destination is not None and policy._replay_count == len(replay["has_next"]):
+                policy._gram = destination["gram"].numpy().astype(np.float64)
+                policy._cross = destination["cross"].numpy().astype(np.float64)
+                if policy._gram.shape != (e, e) or policy._cross.shape != (e, e):
+                    raise CuriosityError(f"destination model has shape {tuple(policy._gram.shape)}")
+            else:              # version 2, or a smaller buffer: fitted anew on the transitions kept
+                policy._refit_destination()
             policy.rng.bit_generator.state = json.loads(state["rng"])
         except CuriosityError as e:
             raise CuriosityError(f"{path}: damaged curiosity checkpoint ({e})") from e
