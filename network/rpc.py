@@ -465,6 +465,18 @@ class Peer:
                 continue
             p.on_reply(msg)
 
+    def fail_pending(self, exc: MeshError) -> int:
+        """Fails every request still waiting for a reply, at once, with `exc`: for a caller that knows the server lost
+        them (the twin saw it die or restart), rather than waiting for each one's timeout. Replies that still come
+        to them are dropped. Returns how many were failed."""
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.timer is not None:
+                p.timer.cancel()
+        for p in pending.values():   # a callback may send new requests: they are not among these
+            p.on_failure(exc)
+        return len(pending)
+
     def _log_failure(self, exc: MeshError) -> None:
         log.warning("request to %s failed: %s", self.endpoint, exc)
 

@@ -30,7 +30,7 @@ from pydantic import Field
 from agents.config import ConfigError, MeshConfig
 from agents.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
-from network.messages import AgentState
+from network.messages import AgentState, StateChanged
 from network.reactor import Timer
 from network.rpc import MeshError
 from pipeline.fetch import REDIRECTS, Fetcher, FetchResult
@@ -141,6 +141,10 @@ class CrawlCoordinator(Agent):
         self._running = False
 
     # --- start and stop ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        if self.uses_twin:   # the twin says when the extractor dies or restarts: the pages it held are lost then
+            self.subscribe(self.config.twin, StateChanged.type_name, self._on_agent_state, StateChanged)
 
     def on_ready(self) -> None:
         s = self.settings
@@ -486,6 +490,22 @@ class CrawlCoordinator(Agent):
             return
         self.documents += 1
         self._pump()
+
+    def _on_agent_state(self, event: StateChanged, env: Envelope) -> None:
+        """The extractor died or stopped (the twin missed its heartbeats, or it deregistered), or a new process of it
+        registered before that was seen (ready -> starting): the pages the old process held went with it. They are
+        delivered again now, not after handoff_timeout_s; a reply the old process still sends is ignored, and storing
+        a page twice is harmless. (Unreachable is not gone: a partitioned extractor may still answer.)"""
+        if event.agent != self.settings.extractor or self.frontier is None:
+            return
+        state, previous = AgentState(event.state), AgentState(event.previous)
+        gone = (AgentState.DEAD, AgentState.STOPPED)
+        if state in gone or (state == AgentState.STARTING and previous not in (*gone, AgentState.DECLARED)):
+            n = self.peer(self.settings.extractor).fail_pending(
+                MeshError("peer_lost", f"the extractor is {state} ({event.reason or 'reported by the twin'})"))
+            if n:
+                self.log.warning("extractor %s is %s (%s) with %d page(s) in its hands: delivering them again",
+                                 self.settings.extractor, state, event.reason, n)
 
     def _handoff_failed(self, entry: Entry, r: FetchResult | None, exc: MeshError) -> None:
         if self.handoff_sent.pop(entry.url, None) is None or self.frontier is None:

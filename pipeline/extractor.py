@@ -11,6 +11,9 @@ coordinator keeps the page and delivers it again later: nothing is acknowledged 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import select
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +29,26 @@ from network.rpc import Deferred, MeshError
 from pipeline.docstore import Document, DocStore, StoreUnavailable, open_docstore
 from pipeline.extract import DEFAULT_BACKENDS, BACKENDS, TIME_BUDGET_S, Extracted, extract_job, warm_up
 from pipeline.messages import DocStored, ExtractPage, Link, PageStored
+
+
+def start_worker(agent_pid: int) -> None:
+    """A worker process's initializer: warms it up, and ends it when the agent process is gone. The workers hang
+    off the forkserver, not the agent, and each holds both ends of the pool's queue, so an agent killed by SIGKILL
+    would leave them waiting on it forever; a pidfd of the agent becomes readable when it exits (pid reuse cannot
+    fool it)."""
+    try:
+        pidfd = os.pidfd_open(agent_pid)
+    except ProcessLookupError:   # the agent is already gone
+        os._exit(0)
+    except OSError:              # a kernel without pidfds (before Linux 5.3): no watch
+        pidfd = None
+    if pidfd is not None:
+        def watch() -> None:
+            select.select([pidfd], [], [])
+            os._exit(0)
+
+        threading.Thread(target=watch, name="agent-watch", daemon=True).start()
+    warm_up()
 
 
 class ExtractorSettings(AgentSettings):
@@ -66,7 +89,8 @@ class Extractor(Agent):
             return ThreadPoolExecutor(1, thread_name_prefix="extract")
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["pipeline.extract"])
-        return ProcessPoolExecutor(self.settings.workers, mp_context=ctx, initializer=warm_up,
+        return ProcessPoolExecutor(self.settings.workers, mp_context=ctx, initializer=start_worker,
+                                   initargs=(os.getpid(),),
                                    max_tasks_per_child=self.settings.max_tasks_per_worker)
 
     @handles(ExtractPage)

@@ -212,6 +212,69 @@ def test_agent_killed_mid_crawl_every_page_stored_once(victim, tmp_path, write_c
             assert re.search(r"\b[1-9]\d* requeued after a stop|\b[1-9]\d* page\(s\) to hand off again", log), log[-2000:]
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process under `pid` (children, their children ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.add(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_a_killed_extractor_is_sent_its_pages_again_at_once_and_leaves_no_workers(tmp_path, write_config, mesh_up):
+    """SIGKILL the extractor with pages in its hands and a 300 s hand-off timeout: the twin reports it dead or
+    restarted and the coordinator delivers those pages again at once, so the crawl ends long before the timeout
+    would have; and its extraction workers (under the forkserver, not under the agent) end with it."""
+    with Site(pages=20, slow_s=0.1) as site:
+        path, cfg = write_config(crawl_config(site, max_depth=3, politeness_s=0.0, per_host_concurrency=4,
+                                              handoff_timeout_s=300.0, extractor={"workers": 2}))
+        up = mesh_up(path, "--restart-backoff", "0.3")
+        with client(cfg, "extractor", timeout=1.0) as ex, client(cfg, "crawler", timeout=1.0) as cr:
+            wait_for(lambda: (st := cr.request(CrawlStatusRequest())).documents >= 8 and st.handoff_in_flight > 4,
+                     timeout=60, interval=0.02, what="documents stored and pages in the extractor's hands")
+            pid = ex.request(Ping()).pid
+            workers = descendants(pid)
+            assert len(workers) >= 3, workers          # the forkserver and its 2 workers at least
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not alive(workers), timeout=10, what=f"the dead extractor's processes {workers} to end")
+            wait_for(lambda: ex.request(Ping()).pid != pid, timeout=30, what="the extractor restarted")
+        status = wait_idle(cfg, timeout=90)             # the timeout would have held the pages for 300 s
+        assert status.fetched == 0 and status.queued == 0
+        up.stop()
+        docs = open_docstore(cfg.store_url("documents"))
+        try:
+            urls = [d.url for d in docs.documents()]
+            assert len(urls) == len(set(urls))
+            assert set(urls) == site.expected_html_pages(3, timeout_s=FAST["timeout_s"]) | {site.url("/doc.pdf")}
+        finally:
+            docs.close()
+        log = (cfg.mesh.data_dir / "logs" / "crawler.log").read_text()
+        assert re.search(r"extractor extractor is (dead|starting) .* with [1-9]\d* page\(s\) in its hands", log), log[-3000:]
+
+
 @pytest.mark.parametrize("backends", ["postgres-redis"])
 def test_the_same_crawl_on_postgresql_and_redis(site, write_config, run_agents, postgres_url, redis_url, backends):
     _, cfg = write_config(crawl_config(site, max_depth=1, stores={"documents": postgres_url, "frontier": redis_url,

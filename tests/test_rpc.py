@@ -210,6 +210,39 @@ def test_peer_is_non_blocking_and_recovers(server):
     ctx.term()
 
 
+def test_peer_fail_pending_fails_the_waiting_requests_at_once_and_drops_late_replies():
+    """What a caller does when it learns the server lost its requests (the twin saw it die): each waiting request
+    fails now with the given error, not after its timeout; a reply that still comes is dropped; new requests work."""
+    ctx = zmq.Context()
+    reactor = Reactor(max_wait=0.01)
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    peer = Peer(ctx, reactor, f"tcp://127.0.0.1:{port}", sender="cli", metrics=MeshMetrics("cli", "test"),
+                timeout=60.0, retries=0)
+    got, failed = [], []
+    for i in range(3):
+        peer.request(Echo(seq=i), lambda m: got.append(m.seq), failed.append)
+    held = []
+    while len(held) < 3:
+        assert router.poll(5000), "the requests did not arrive"
+        held.append(router.recv_multipart())
+    assert peer.fail_pending(MeshError("peer_lost", "the server died")) == 3
+    assert [(e.code, e.message) for e in failed] == [("peer_lost", "the server died")] * 3 and peer.pending == 0
+    assert peer.fail_pending(MeshError("peer_lost", "again")) == 0
+    for ident, empty, frame in held:   # the late replies, then one to a new request
+        env = decode(frame)
+        router.send_multipart([ident, empty, encode(env.message, sender="srv", cid=env.id)[1]])
+    peer.request(Echo(seq=7), lambda m: got.append(m.seq), failed.append)
+    assert router.poll(5000)
+    ident, empty, frame = router.recv_multipart()
+    router.send_multipart([ident, empty, encode(decode(frame).message, sender="srv", cid=decode(frame).id)[1]])
+    wait_for(lambda: reactor.run_once() or got, timeout=5, what="the reply to the new request")
+    assert got == [7] and len(failed) == 3
+    peer.close()
+    router.close(linger=0)
+    ctx.term()
+
+
 def test_pubsub_topics_and_prefixes():
     ctx = zmq.Context()
     m_pub, m_sub = MeshMetrics("pub", "t"), MeshMetrics("sub", "t")

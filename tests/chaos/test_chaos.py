@@ -67,7 +67,7 @@ STORE_DOWN_S = 4.0            # how long Redis and PostgreSQL stay down
 TOPIC_CHUNKS = 2              # the topic model's max_chunks here (the shipped default: 16)
 DETECT_TIMEOUT_S = 30.0
 RECOVER_TIMEOUT_S = 120.0
-PROGRESS_TIMEOUT_S = 120.0    # covers the coordinator's 60 s hand-off timeout after an extractor kill
+PROGRESS_TIMEOUT_S = 120.0    # covers a restart with models to load on a busy 2-core machine
 
 # A status client living inside MainPC's namespace (the only place that reaches both hosts): one JSON line out
 # per command line in (status: the twin's table; crawl: the coordinator's; topics: the topic model's listing).
