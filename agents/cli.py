@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -250,6 +251,9 @@ def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show
     missing = [label for label, src in sources.items() if isinstance(src, FileLog) and not src.path.exists()]
     if missing and not follow_:
         err.print(f"no log yet for {', '.join(missing)} in {log_dir}/")
+    if follow_:   # Ctrl-C or SIGTERM ends it, even started as a background job (which inherits SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     follow(sources, follow=follow_, level=level, lines=lines)
 
 
