@@ -20,7 +20,7 @@ from pipeline.docstore import open_docstore
 from pipeline.frontier import open_frontier
 from pipeline.messages import CrawlStatusRequest, Enqueue, Prioritize
 from pipeline.rawstore import RawStore
-from tests.conftest import mesh_dict, wait_for
+from tests.conftest import alive, descendants, mesh_dict, wait_for
 from tests.site import Site
 
 FAST = {"politeness_s": 0.05, "timeout_s": 1.5, "retry_backoff_s": 0.1, "max_retries": 2, "per_host_concurrency": 2,
@@ -212,38 +212,6 @@ def test_agent_killed_mid_crawl_every_page_stored_once(victim, tmp_path, write_c
             assert re.search(r"\b[1-9]\d* requeued after a stop|\b[1-9]\d* page\(s\) to hand off again", log), log[-2000:]
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process under `pid` (children, their children ...), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        for child, parent in parents.items():
-            if parent == p and child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.add(pid)
-        except OSError:
-            pass
-    return out
-
-
 def test_a_killed_extractor_is_sent_its_pages_again_at_once_and_leaves_no_workers(tmp_path, write_config, mesh_up):
     """SIGKILL the extractor with pages in its hands and a 300 s hand-off timeout: the twin reports it dead or
     restarted and the coordinator delivers those pages again at once, so the crawl ends long before the timeout
@@ -259,7 +227,7 @@ def test_a_killed_extractor_is_sent_its_pages_again_at_once_and_leaves_no_worker
             workers = descendants(pid)
             assert len(workers) >= 3, workers          # the forkserver and its 2 workers at least
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: not alive(workers), timeout=10, what=f"the dead extractor's processes {workers} to end")
+            wait_for(lambda: not any(map(alive, workers)), timeout=10, what=f"the dead extractor's processes {workers} to end")
             wait_for(lambda: ex.request(Ping()).pid != pid, timeout=30, what="the extractor restarted")
         status = wait_idle(cfg, timeout=90)             # the timeout would have held the pages for 300 s
         assert status.fetched == 0 and status.queued == 0

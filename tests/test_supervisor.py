@@ -15,22 +15,12 @@ from agents.control import fetch_status
 from network.messages import StateChanged
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
-from tests.conftest import ROOT, mesh_dict, wait_for
+from tests.conftest import ROOT, alive, mesh_dict, wait_for
 
 
 def meshctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agents.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, COLUMNS="200"))
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is not alive
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split()[2] != "Z"
 
 
 def chain_config():

@@ -37,7 +37,7 @@ from network.messages import Echo
 from network.rpc import MeshError
 from pipeline.docstore import open_docstore
 from pipeline.messages import CrawlStatusRequest
-from tests.conftest import ROOT, mesh_dict, wait_for
+from tests.conftest import ROOT, descendants, mesh_dict, wait_for
 from tests.site import Site
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(float(os.environ.get("MESH_SOAK_S", "600"))) + 300)]
@@ -51,15 +51,9 @@ OUTPUT = Path(os.environ.get("MESH_TEST_OUTPUT", ROOT / "test-output"))
 def rss_kib(pid: int) -> int:
     """Resident memory of `pid` and its descendants, KiB."""
     total = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
+    for p in {pid} | descendants(pid):
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))
-            for task in Path(f"/proc/{p}/task").iterdir():
-                kids = (task / "children").read_text().split()
-                todo += [int(k) for k in kids]
+            total += int(re.search(r"^VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text(), re.M).group(1))
         except (FileNotFoundError, ProcessLookupError, AttributeError):
             continue
     return total
