@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Podman deployment of the mesh: one container per container group of a host.
-# The work is done by agents/deploy.py (python -m agents.deploy); this script finds the
+# The work is done by ops/deploy.py (python -m ops.deploy); this script finds the
 # project's Python and passes the command on. `podman_build.sh COMMAND --help` for each command.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,7 +36,7 @@ case "$cmd" in
     -h|--help|help|"") usage ;;
     plan)
         [ $# -eq 2 ] && [ "$2" != "--help" ] || { echo "usage: podman_build.sh plan HOST" >&2; exit 2; }
-        exec "$py" -m agents.cli plan --config "config/$2.yaml" ;;
-    base|build|deploy|down|status|logs|kube|monitoring) exec "$py" -m agents.deploy "$@" ;;
+        exec "$py" -m ops.meshctl plan --config "config/$2.yaml" ;;
+    base|build|deploy|down|status|logs|kube|monitoring) exec "$py" -m ops.deploy "$@" ;;
     *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

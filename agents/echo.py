@@ -7,7 +7,7 @@ benchmarks and protocol tests. With `publish: true` it also publishes every echo
 
 from __future__ import annotations
 
-from agents.runtime import Agent, AgentSettings, handles
+from mesh.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
 from network.messages import Echo
 

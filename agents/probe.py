@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from agents.runtime import Agent, handles
+from mesh.runtime import Agent, handles
 from network.codec import Envelope
 from network.messages import Ack, Echo, ErrorCode, Message
 from network.rpc import MeshError

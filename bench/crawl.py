@@ -27,7 +27,7 @@ from /proc just before the stop) and the requests the server logged while it ran
     RESULT pages_per_min=<ours> ratio=<ours/baseline> baseline_pages_per_min=<...> pages=<ours> baseline_pages=<...>
 
 Exit 2 when the site is missing (apt-get install python3-doc), and, after the baseline has run, when the
-pipeline (pipeline.messages, the two kinds) cannot be imported yet.
+pipeline (agents.contracts, the two kinds) cannot be imported yet.
 
 Usage: .venv/bin/python bench/crawl.py [--pages 600] [--depth 5] [--concurrency 8] [--rounds 1] [--site DIR] [--keep]
 """
@@ -55,17 +55,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._util import (  # noqa: E402
-    MeshUp,
-    cpu_seconds,
+from bench._util import install_sigterm_as_interrupt, run_main, scan_logs, summarize_logs  # noqa: E402
+from testing.harness import (
+    MeshUp,  # noqa: E402
     free_port_block,
-    install_sigterm_as_interrupt,
-    run_main,
-    scan_logs,
-    session_members,
-    summarize_logs,
     write_config,
 )
+from testing.procs import cpu_seconds, session_members
 
 DEFAULT_SITE = Path("/usr/share/doc/python3/html")
 TIMEOUT_S = 15.0
@@ -200,10 +196,10 @@ def run_baseline(args: argparse.Namespace, server: StaticServer, work: Path, rnd
 
 
 def pipeline_missing() -> str | None:
-    """Why the pipeline cannot run yet, or None when pipeline.messages and both kinds import."""
+    """Why the pipeline cannot run yet, or None when agents.contracts and both kinds import."""
     try:
-        import pipeline.messages  # noqa: F401
-        from agents.kinds import resolve
+        import agents.contracts  # noqa: F401
+        from mesh.runtime import resolve
         resolve("crawl_coordinator")
         resolve("extractor")
     except Exception as exc:  # ImportError, UnknownKind, or a half-written module
@@ -243,10 +239,10 @@ def count_documents(db: Path) -> int | str:
 
 
 def run_ours(args: argparse.Namespace, server: StaticServer, work: Path, rnd: int) -> Run:
-    from agents.config import load_config
-    from agents.control import client
+    from agents.contracts import CrawlStatusRequest
+    from mesh.config import load_config
+    from mesh.control import client
     from network.rpc import MeshError
-    from pipeline.messages import CrawlStatusRequest
 
     run = Run("ours", rnd)
     tmp = work / f"ours-{rnd}"
@@ -281,7 +277,8 @@ def run_ours(args: argparse.Namespace, server: StaticServer, work: Path, rnd: in
         run.cpu_s = sum(cpu_seconds(p) or 0.0 for p in members)
     finally:
         phases.append(("stopping", time.time()))
-        leftovers = up.stop(30.0)
+        up.stop(30.0)
+        leftovers = up.leftovers
         if leftovers:
             run.problems.append(f"processes still alive 30 s after SIGINT, killed: {leftovers}")
         if up.proc.returncode not in (0, None):

@@ -6,12 +6,12 @@ site; a link to a file that is not there is a 404, a file of a type the crawler 
 skipped, and both spend budget as they do in the crawl coordinator ("URLs fetched (or refused)").
 
 What is real: the pages (every file the crawl can reach, about 530), their main text and outlinks with anchors from
-pipeline.extract (trafilatura) normalised by pipeline.urls, their document vectors from pipeline.embed.Embedder
+agents.extractor.backends (trafilatura) normalised by agents.urls, their document vectors from agents.embedding.Embedder
 (all-MiniLM-L6-v2, chunked and pooled, plus the lexical signature, as the topic model agent makes them), the
-near-duplicate index (pipeline.dedup.DuplicateIndex at the agent's 0.85) and a fresh online topic model
-(pipeline.topicmodel.OnlineTopics with the agent's settings) fed in fetch order, as the topic model agent does; the
+near-duplicate index (agents.topics.dedup.DuplicateIndex at the agent's 0.85) and a fresh online topic model
+(agents.topics.online.OnlineTopics with the agent's settings) fed in fetch order, as the topic model agent does; the
 link texts are embedded by the same MiniLM model (cached in data/bench/ too); and the curiosity policy is
-pipeline.curiosity.CuriosityPolicy with its default settings (or those given with --set), on one torch thread as in
+agents.curiosity.policy.CuriosityPolicy with its default settings (or those given with --set), on one torch thread as in
 the agent (`torch_threads`), called as the curiosity agent calls it: `score` on the links of every fetched page when
 they are discovered (crawl.discovered), `score` again on the whole queued frontier every `rescore_every` pages
 (crawl.prioritize), `observe` on every fetched page with its semantic vector, topic, novelty and duplicate flag
@@ -123,7 +123,7 @@ def _path_of(url: str, root: Path) -> Path | None:
 
 
 def _extract_file(args: tuple[str, str, str]) -> dict:
-    from pipeline.extract import extract
+    from agents.extractor.backends import extract
 
     path, url, ctype = args
     body = Path(path).read_bytes()
@@ -180,7 +180,7 @@ def load_site() -> Site:
             extracted_s += time.perf_counter() - t1
             todo = list(dict.fromkeys(link["url"] for url in layer for link in pages[url].outlinks
                                       if link["url"] not in pages))
-    from pipeline.embed import Embedder
+    from agents.embedding import Embedder
 
     with_text = [p for p in pages.values() if p.text]
     for row, page in enumerate(with_text):
@@ -208,7 +208,7 @@ class AnchorEncoder:
     """encode_anchors for the policy: the MiniLM model, with a persistent cache of the texts it has embedded."""
 
     def __init__(self):
-        from pipeline.embed import Embedder
+        from agents.embedding import Embedder
 
         self.model = Embedder(EMBED_SETTINGS["model"], device="cpu", lexical_dim=0).model
         self.path = CACHE_DIR / f"curiosity-anchors-{hashlib.sha256(EMBED_SETTINGS['model'].encode()).hexdigest()[:12]}.npz"
@@ -274,9 +274,9 @@ class _Queued:
 
 def crawl(site: Site, clusters: np.ndarray, order: str, budget: int, seed: int | None, novel_bar: float,
           encoder: AnchorEncoder | None = None, settings: dict | None = None, trace: list | None = None) -> Crawl:
-    from pipeline.curiosity import Candidate, CuriosityParams, CuriosityPolicy, PageState
-    from pipeline.dedup import DuplicateIndex
-    from pipeline.topicmodel import OnlineTopics
+    from agents.curiosity.policy import Candidate, CuriosityParams, CuriosityPolicy, PageState
+    from agents.topics.dedup import DuplicateIndex
+    from agents.topics.online import OnlineTopics
 
     t0 = time.perf_counter()
     out = Crawl(order, seed)
@@ -400,7 +400,7 @@ def main() -> int:
         return 2
     import torch
 
-    from pipeline.curiosity import CuriosityParams
+    from agents.curiosity.policy import CuriosityParams
 
     torch.set_num_threads(1)   # as the curiosity agent runs it (torch_threads: 1): its networks are small, and on a
     #                            busy 2-core machine two threads made a crawl slower, not faster (97 s against 22 s)

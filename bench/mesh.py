@@ -6,7 +6,7 @@ What is measured (every side in a process of its own, loopback TCP, a 100-byte p
                {"payload": <bytes>, "seq": i}, the same fields as the mesh's `Echo` body; the server
                unpacks it and packs it back; the client unpacks the reply and checks `seq`.
 * rpc mesh  -- network.rpc.RpcClient (this process) -> the `echo` agent (agents/echo.py) run by
-               `python -m agents.cli up` from a generated config (twin + echo, free ports, temp
+               `python -m ops.meshctl up` from a generated config (twin + echo, free ports, temp
                data_dir). Full production path: envelope, pydantic validation on both sides,
                metrics, reactor, reply cache.
 * pubsub raw  -- PUB in one worker process sending [b"mesh.echo", msgpack body] as fast as it can;
@@ -51,10 +51,9 @@ if str(ROOT) not in sys.path:
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
-from bench._util import (  # noqa: E402
-    run_main,
-    MeshUp, free_port_block, install_sigterm_as_interrupt, scan_logs, summarize_logs, write_config,
-)
+  # noqa: E402     MeshUp, install_sigterm_as_interrupt, run_main, scan_logs, summarize_logs
+from bench._util import install_sigterm_as_interrupt, run_main, scan_logs, summarize_logs  # noqa: E402
+from testing.harness import MeshUp, free_port_block, write_config  # noqa: E402
 
 TOPIC = "mesh.echo"
 HWM = 100_000  # the mesh's Publisher and Subscriber defaults; the raw sockets use the same
@@ -323,7 +322,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def start_echo_mesh(tmp: Path) -> tuple[MeshUp, object]:
-    from agents.config import load_config
+    from mesh.config import load_config
 
     base = free_port_block(12)
     data = {
@@ -339,7 +338,7 @@ def start_echo_mesh(tmp: Path) -> tuple[MeshUp, object]:
 
 
 def wait_ready(up: MeshUp, config, agent: str, timeout: float = 30.0) -> float:
-    from agents.control import fetch_status
+    from mesh.control import fetch_status
     from network.rpc import MeshError
 
     deadline = time.monotonic() + timeout
@@ -443,7 +442,8 @@ def main() -> int:
             w.stop()
         if up is not None:
             stop_t = time.time()
-            leftovers = up.stop()
+            up.stop()
+            leftovers = up.leftovers
             if leftovers:
                 problems.append(f"killed processes left after meshctl up stopped: {leftovers}")
             problems += summarize_logs(scan_logs(tmp / "data" / "logs"),

@@ -11,8 +11,8 @@ The generated config (temp dir, free ports, heartbeat_interval_s 1.0, CURVE off)
 
 Measured:
 
-* all_ready_s   -- seconds from launching the two `python -m agents.cli up --config FILE --host hN`
-                   processes until agents.control.fetch_status() shows every agent `ready`
+* all_ready_s   -- seconds from launching the two `python -m ops.meshctl up --config FILE --host hN`
+                   processes until mesh.control.fetch_status() shows every agent `ready`
                    (polled every 0.1 s);
 * twin_cpu_pct  -- after a 2 s settle, the twin process's utime+stime from /proc/PID/stat over
                    10 s of steady state at 1 s heartbeats (pid from the status reply), in percent
@@ -42,11 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._util import (  # noqa: E402
-    run_main,
-    MeshUp, alive, can_bind, cpu_seconds, free_port_block, install_sigterm_as_interrupt, scan_logs, summarize_logs,
+from bench._util import install_sigterm_as_interrupt, run_main, scan_logs, summarize_logs  # noqa: E402
+from testing.harness import (
+    MeshUp,  # noqa: E402
+    can_bind,
+    free_port_block,
     write_config,
 )
+from testing.procs import alive, cpu_seconds
 
 H1, H2 = "127.0.0.1", "127.0.0.2"
 
@@ -104,8 +107,8 @@ def main() -> int:
     window = args.window or (5.0 if args.quick else 10.0)
     install_sigterm_as_interrupt()
 
-    from agents.config import load_config
-    from agents.control import fetch_status
+    from mesh.config import load_config
+    from mesh.control import fetch_status
     from network.rpc import MeshError
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="bench-startup-")
@@ -212,7 +215,8 @@ def main() -> int:
             up.interrupt()
         leftovers = []
         for up in ups:
-            leftovers += up.wait(30.0)
+            up.wait(30.0)
+            leftovers += up.leftovers
         stop_s = time.monotonic() - stop_started
         if ups:
             print(f"stopped both `up` processes in {stop_s:.1f}s (SIGINT)")

@@ -38,13 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._util import MeshUp, free_port_block, run_main, write_config  # noqa: E402
+from bench._util import run_main
+from testing.harness import MeshUp, free_port_block, write_config  # noqa: E402
 
 PYDOC = Path("/usr/share/doc/python3/html")
 
 
 def _text(path: str) -> str:
-    from pipeline.extract import extract
+    from agents.extractor.backends import extract
 
     out = extract(Path(path).read_bytes(), url="http://127.0.0.1/" + path, content_type="text/html")
     return out.text or ""
@@ -62,7 +63,7 @@ def load_docs(n: int) -> list[tuple[str, str]]:
 
 def bare(texts: list[str], max_chunks: int) -> tuple[float, float, int]:
     """(seconds to encode the chunks, seconds to encode the truncated documents, chunks)."""
-    from pipeline.embed import Embedder, _spread
+    from agents.embedding import Embedder, _spread
 
     emb = Embedder(device="cpu", max_chunks=max_chunks)
     model = emb.model
@@ -80,10 +81,10 @@ def bare(texts: list[str], max_chunks: int) -> tuple[float, float, int]:
 
 
 def ours(docs: list[tuple[str, str]], max_chunks: int, tmp: Path) -> float:
-    from agents.config import load_config
-    from agents.control import client
+    from mesh.config import load_config
+    from mesh.control import client
     from network.messages import Ping
-    from pipeline.docstore import Document, open_docstore
+    from store.docstore import Document, open_docstore
 
     base = free_port_block(30)
     data = tmp / f"data-{base}"

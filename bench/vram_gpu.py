@@ -3,7 +3,7 @@
 Runs `meshctl up` with a twin, the VRAM optimizer (real NVML, no simulation), the topic model (which asks for a
 lease for all-MiniLM-L6-v2 at its batch size, moves onto the granted GPU and says it has loaded) and the GGUF
 model manager; then asks the model manager to generate with a GGUF model (`--gguf PATH`, or a random llama written
-here with pipeline/gguf.py, `--layers`/`--width` sizing it), so it loads under its lease. For each load the
+here with agents/vram/gguf.py, `--layers`/`--width` sizing it), so it loads under its lease. For each load the
 optimizer measures the holder process's growth on the GPU (NVML per-process memory) against the estimate it was
 given; the script reads those from `vram.status`, checks NVML itself, and prints them.
 
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._util import MeshUp, free_port_block, run_main, write_config  # noqa: E402
+from bench._util import run_main
+from testing.harness import MeshUp, free_port_block, write_config  # noqa: E402
 
 MIB = 1 << 20
 
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0)
     args = ap.parse_args()
 
-    from pipeline.vram import detect_gpus
+    from agents.vram.gpus import detect_gpus
 
     backend, detail = detect_gpus(None)
     if backend is None:
@@ -76,10 +77,9 @@ def main() -> None:
         print("llama-cpp-python is a CPU build: the GGUF model is not measured "
               "(CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall --no-cache-dir llama-cpp-python)")
 
-    from agents.control import client
-    from pipeline.gguf import GgufInfo, estimate, write_tiny_llama
-    from pipeline.messages import Generate
-    from pipeline.vram_agent import VramStatusRequest
+    from agents.contracts import Generate, VramStatusRequest
+    from agents.vram.gguf import GgufInfo, estimate, write_tiny_llama
+    from mesh.control import client
 
     with tempfile.TemporaryDirectory(prefix="bench-vram-") as tmp:
         tmp = Path(tmp)
@@ -107,7 +107,7 @@ def main() -> None:
                 "models": {"kind": "model_manager", "depends_on": ["vram"],
                            "settings": {"models": {"bench": {"path": str(model), "n_ctx": args.n_ctx}}}},
             }}, tmp / "mesh.yaml")
-        from agents.config import load_config
+        from mesh.config import load_config
 
         cfg = load_config(cfg_path)
         up = MeshUp(cfg_path, out=tmp / "up.log")

@@ -7,11 +7,15 @@ a dict lookup, not a label resolution.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client import Enum as EnumMetric
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from network.messages import AgentState
 
@@ -112,13 +116,6 @@ def serve_metrics(metrics: MeshMetrics, port: int, addr: str):
     connection that sends nothing is closed after METRICS_REQUEST_TIMEOUT_S (it would hold a thread
     for ever), and every malformed request (400, 414, 431 ...) is counted in
     `mesh_errors_total{code="http_<status>"}`."""
-    import sys
-    import threading
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-    from prometheus_client import make_wsgi_app
-    from prometheus_client.exposition import ThreadingWSGIServer
-
     class Handler(WSGIRequestHandler):
         timeout = METRICS_REQUEST_TIMEOUT_S
 

@@ -2,24 +2,71 @@
 
 import importlib
 
-from agents.kinds import BUILTIN, module_of
-
+from agents.contracts import (
+    CachedDocument,
+    CacheGet,
+    CacheInfo,
+    CrawlDiscovered,
+    CrawlStatus,
+    CrawlStatusRequest,
+    CuriosityStatus,
+    CuriosityStatusRequest,
+    DocScored,
+    DocStored,
+    Embed,
+    Embedded,
+    Enqueue,
+    EnqueueResult,
+    ExtractPage,
+    Generate,
+    Generated,
+    GpuStatus,
+    LeaseInfo,
+    Link,
+    ModelInfo,
+    ModelsReply,
+    ModelsRequest,
+    PageFetched,
+    PageStored,
+    Prioritize,
+    PrioritizeResult,
+    TopicsReply,
+    TopicsRequest,
+    TopicSummary,
+    Unload,
+    VramAcquire,
+    VramDecision,
+    VramGranted,
+    VramLeaseState,
+    VramRelease,
+    VramReleased,
+    VramRevoke,
+    VramStatus,
+    VramStatusRequest,
+    VramTouch,
+)
 from agents.probe import ProbeCounts, ProbeReport, ProbeWatch
-from network.messages import (
-    Ack, Alert, HostChanged, LogLines, LogRead, HostStatus, AgentStats, AgentStatus, Deregister, Echo, Error, Heartbeat, HeartbeatAck, Ping, Pong, ReadyStatus, Register,
-    Registered, StateChanged, StatusReply, StatusRequest, WaitReady,
+from mesh.kinds import BUILTIN, module_of
+from mesh.messages import (
+    AgentStats,
+    AgentStatus,
+    Alert,
+    Deregister,
+    Heartbeat,
+    HeartbeatAck,
+    HostChanged,
+    HostStatus,
+    LogLines,
+    LogRead,
+    ReadyStatus,
+    Register,
+    Registered,
+    StateChanged,
+    StatusReply,
+    StatusRequest,
+    WaitReady,
 )
-
-from pipeline.messages import (
-    CrawlDiscovered, CrawlStatus, CrawlStatusRequest, DocStored, Enqueue, EnqueueResult, ExtractPage, Link, PageFetched, PageStored,
-    Prioritize, PrioritizeResult, DocScored, TopicsReply, TopicsRequest, TopicSummary, CuriosityStatusRequest,
-    CuriosityStatus, CacheInfo, CacheGet, CachedDocument, Generate, Generated, Embed, Embedded, ModelsRequest,
-    ModelInfo, ModelsReply, Unload,
-)
-from pipeline.vram_agent import (
-    GpuStatus, LeaseInfo, VramAcquire, VramDecision, VramGranted, VramLeaseState, VramRelease, VramReleased, VramRevoke,
-    VramStatus, VramStatusRequest, VramTouch,
-)
+from network.messages import Ack, Echo, Error, Ping, Pong
 
 _lease = LeaseInfo(lease_id="3f2a9c1b7d4e", agent="topics", model="all-MiniLM-L6-v2", state="granted", bytes=480 << 20,
                    requested=460 << 20, priority=1, gpu=0, device="cuda:0", age_s=12.5, idle_s=0.4)
@@ -117,4 +164,4 @@ def shipped() -> set[str]:
 
     for kind in BUILTIN:
         importlib.import_module(module_of(kind))
-    return {name for name, cls in REGISTRY.items() if cls.__module__.split(".")[0] in ("agents", "network", "pipeline")}
+    return {name for name, cls in REGISTRY.items() if cls.__module__.split(".")[0] in ("agents", "mesh", "network")}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from mesh.messages import Register
 from network import codec
 from network.codec import FrameTooLarge, InvalidBody, Undecodable, UnknownType, VersionMismatch, decode, encode
-from network.messages import Echo, Ping, Register
+from network.messages import Echo, Ping
 from tests.samples import SAMPLES, shipped
 
 

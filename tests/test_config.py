@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.config import ConfigError, load_config, parse_config
+from mesh.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,7 +168,7 @@ def test_yaml_booleans_for_curve_and_empty_variables_take_the_default(tmp_path, 
 
 
 def test_kinds_and_settings_are_checked_before_anything_runs():
-    from agents.kinds import check_kinds
+    from mesh.runtime import check_kinds
 
     c = parse_config(cfg(agents__x__settings={"publish": "maybe", "colour": 1}, agents__y__kind="nope"), "f.yaml")
     with pytest.raises(ConfigError) as info:

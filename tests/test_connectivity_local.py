@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.config import load_config
-from agents.control import fetch_status
+from mesh.config import load_config
+from mesh.control import fetch_status
 from network.security import generate
-from tests.conftest import ROOT, free_port_block, wait_for
+from testing.harness import ROOT, free_port_block, wait_for
 
 SCRIPT = ROOT / "test_pc2_connectivity.py"
 

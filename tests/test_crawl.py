@@ -14,13 +14,14 @@ import sqlite3
 import httpx
 import pytest
 
-from agents.control import client
+from agents.contracts import CrawlStatusRequest, Enqueue, Prioritize
+from agents.crawler.frontier import open_frontier
+from agents.crawler.rawstore import RawStore
+from mesh.control import client
 from network.messages import Ping
-from pipeline.docstore import open_docstore
-from pipeline.frontier import open_frontier
-from pipeline.messages import CrawlStatusRequest, Enqueue, Prioritize
-from pipeline.rawstore import RawStore
-from tests.conftest import alive, descendants, mesh_dict, wait_for
+from store.docstore import open_docstore
+from testing.harness import mesh_dict, wait_for
+from testing.procs import alive, descendants
 from tests.site import Site
 
 FAST = {"politeness_s": 0.05, "timeout_s": 1.5, "retry_backoff_s": 0.1, "max_retries": 2, "per_host_concurrency": 2,
@@ -160,10 +161,10 @@ def test_page_budget_and_requests(site, write_config, run_agents):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from testing.harness import ROOT
 
     def meshctl(*args):
-        return subprocess.run([sys.executable, "-m", "agents.cli", *args, "--config", str(path)], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "ops.meshctl", *args, "--config", str(path)], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
 
     r = meshctl("crawl", "status", "--json")
@@ -262,7 +263,7 @@ def test_the_same_crawl_on_postgresql_and_redis(site, write_config, run_agents, 
 def test_fetches_the_frontier_could_not_record_are_fetched_again(site, write_config, run_agents, monkeypatch):
     """The frontier fails to take a few fetch outcomes (its Redis went away): those URLs are fetched again once
     it answers, not left leased (idle crawl, pages never stored) until the coordinator restarts."""
-    from pipeline.frontier import FrontierUnavailable, SQLiteFrontier
+    from agents.crawler.frontier import FrontierUnavailable, SQLiteFrontier
 
     refused: list[str] = []
     mark_fetched = SQLiteFrontier.mark_fetched
@@ -343,7 +344,7 @@ def test_unreachable_host_fails_its_urls_and_the_crawl_goes_on(site, write_confi
 def test_new_priorities_reorder_a_polite_crawl(write_config, run_agents):
     """crawl.prioritize reaches URLs still in the frontier and URLs already taken into the host's buffer: on a
     polite single-host crawl, the links given the highest priorities are fetched next, ahead of earlier links."""
-    from pipeline.messages import Prioritize
+    from agents.contracts import Prioritize
 
     with Site(pages=12) as site:
         _, cfg = write_config(crawl_config(site, max_depth=1, politeness_s=0.3, per_host_concurrency=1))

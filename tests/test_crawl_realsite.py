@@ -9,10 +9,10 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from agents.control import client
-from pipeline.docstore import open_docstore
-from pipeline.messages import CrawlStatusRequest
-from tests.conftest import ROOT, mesh_dict, wait_for
+from agents.contracts import CrawlStatusRequest
+from mesh.control import client
+from store.docstore import open_docstore
+from testing.harness import ROOT, mesh_dict, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_meshctl_up_seeds_then_export_on_python_docs(pydoc_site, write_config, m
     finally:
         docs.close()
     out = tmp_path / "processed"
-    r = subprocess.run([sys.executable, "-m", "agents.cli", "export", "--config", str(path), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "ops.meshctl", "export", "--config", str(path), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     [parquet] = out.glob("documents-*.parquet")

@@ -1,4 +1,4 @@
-"""The curiosity policy (pipeline/curiosity.py) with real torch and the real all-MiniLM-L6-v2 anchor encoder: the
+"""The curiosity policy (agents/curiosity/policy.py) with real torch and the real all-MiniLM-L6-v2 anchor encoder: the
 ICM's intrinsic reward falls on transitions it has learnt and stays high on others, the value head learns which kind
 of link pays, scores are finite and their exploration noise is seeded, checkpoints round-trip exactly and refuse a
 damaged or mismatched file, and the CPU is used when there is no GPU."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.curiosity import (
+from agents.curiosity.policy import (
     Candidate,
     CuriosityError,
     CuriosityParams,
@@ -21,8 +21,8 @@ from pipeline.curiosity import (
     PageState,
     Reward,
     link_text,
-    resolve_device,
 )
+from agents.gpu import DeviceError, resolve_device
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,8 +31,8 @@ SITE = "http://docs.test/"
 
 @pytest.fixture(scope="module")
 def encode():
-    """The agent's anchor encoder: the MiniLM model of pipeline.embed, normalised vectors (cached per text)."""
-    from pipeline.embed import Embedder
+    """The agent's anchor encoder: the MiniLM model of agents.embedding, normalised vectors (cached per text)."""
+    from agents.embedding import Embedder
 
     model = Embedder(device="cpu", lexical_dim=0).model
     cache: dict[str, np.ndarray] = {}
@@ -400,9 +400,9 @@ def test_cpu_device_and_auto_falls_back_to_cpu_without_a_gpu(encode, monkeypatch
     assert auto.device == "cpu" and next(auto.nets.parameters()).device.type == "cpu"
     policy.set_device("auto")
     assert policy.device == "cpu" and policy.learn(1) is not None
-    with pytest.raises(CuriosityError, match="CUDA is not available"):
+    with pytest.raises(DeviceError, match="CUDA is not available"):
         policy.set_device("cuda")
-    with pytest.raises(CuriosityError, match="CUDA is not available"):
+    with pytest.raises(DeviceError, match="CUDA is not available"):
         CuriosityPolicy(params(device="cuda:0"), encode)
     assert policy.device == "cpu"
 

@@ -12,14 +12,13 @@ import time
 
 import pytest
 
-from agents.control import client
+from agents.contracts import CacheGet, CrawlStatusRequest, CuriosityStatusRequest
+from mesh.control import client
 from network.messages import Ping
-from pipeline.docstore import open_docstore
-from pipeline.messages import CacheGet, CrawlStatusRequest, CuriosityStatusRequest
-from tests.conftest import mesh_dict, wait_for
+from store.docstore import open_docstore
+from testing.harness import mesh_dict, wait_for
 from tests.site import Site
 from tests.test_crawl import FAST, frontier_rows
-
 
 
 def pipeline_config(seed: str, *, crawler: dict | None = None, curiosity: dict | None = None) -> dict:

@@ -11,15 +11,15 @@ import pytest
 import zmq
 import zmq.auth
 
-from agents.control import client
+from mesh.control import client
 from network.messages import Echo, Ping
 from network.rpc import RequestTimeout, RpcClient
 from network.security import MissingKey, load_identity, secret_path
-from tests.conftest import ROOT, mesh_dict, wait_for
+from testing.harness import ROOT, mesh_dict, wait_for
 
 
 def meshctl(*args):
-    return subprocess.run([sys.executable, "-m", "agents.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ops.meshctl", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=30, env=dict(os.environ, COLUMNS="200"))
 
 
@@ -107,8 +107,8 @@ def test_curve_on_without_keys_is_a_clear_error(write_config, tmp_path):
     _, cfg = write_config(data)
     with pytest.raises(MissingKey, match="meshctl keys generate local"):
         load_identity(cfg.security.keys_dir, "local")
-    from agents.runtime import StartupError
-    from agents.twin import DigitalTwin
+    from agents.twin.agent import DigitalTwin
+    from mesh.runtime import StartupError
 
     with pytest.raises(StartupError, match="missing"):
         DigitalTwin("twin", cfg).start()
@@ -123,7 +123,7 @@ def test_missing_peer_key_is_a_startup_error_not_a_crash(write_config, tmp_path)
     data["security"] = {"curve": "on", "keys_dir": str(keys_dir)}
     _, cfg = write_config(data)
     from agents.echo import EchoAgent
-    from agents.runtime import StartupError
+    from mesh.runtime import StartupError
 
     agent = EchoAgent("a", cfg)
     with pytest.raises(StartupError, match="no public key for host 'local'"):

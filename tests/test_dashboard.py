@@ -15,14 +15,15 @@ import httpx
 import pytest
 import zmq
 
-from agents.config import ConfigError
-from agents.control import client, fetch_status
 from agents.echo import EchoAgent
-from agents.kinds import check_kinds
-from network.messages import Alert, Echo, Heartbeat, Register
+from mesh.config import ConfigError
+from mesh.control import client, fetch_status
+from mesh.messages import Alert, Heartbeat, Register
+from mesh.runtime import check_kinds
+from network.messages import Echo
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
-from tests.conftest import ROOT, mesh_dict, wait_for
+from testing.harness import ROOT, mesh_dict, wait_for
 from tests.services import missing
 
 OUTPUT = Path(os.environ.get("MESH_TEST_OUTPUT", ROOT / "test-output"))

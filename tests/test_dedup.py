@@ -1,7 +1,7 @@
-"""Near-duplicate detection (pipeline.embed + pipeline.dedup) on real pages, and unit tests of both modules.
+"""Near-duplicate detection (agents.embedding + agents.topics.dedup) on real pages, and unit tests of both modules.
 
 The acceptance test builds a near-duplicate test set from Debian's python3-doc: 40 original pages (main text from
-pipeline.extract) from several areas, two edited copies of each that must be found as duplicates of their original
+agents.extractor.backends) from several areas, two edited copies of each that must be found as duplicates of their original
 (changed boilerplate, reordered paragraphs, small edits and typos, or two of these together), and distinct pages on the
 same subject that must not be: sibling pages (same directory, same file-name prefix: library/asyncio-task and
 library/asyncio-stream, library/os.path and library/os, whatsnew/3.10 and whatsnew/3.11 ...), a few same-subject pairs
@@ -38,9 +38,10 @@ except ImportError as exc:  # CI must have them (like tests.services.missing: fa
         raise
     pytest.skip(f"embedding dependencies are not installed: {exc}", allow_module_level=True)
 
-from pipeline.dedup import DuplicateIndex
-from pipeline.embed import Embedder, EmbedderError, lexical_vectors, resolve_device, resolve_model
-from pipeline.extract import extract
+from agents.embedding import Embedder, EmbedderError, lexical_vectors, resolve_model
+from agents.extractor.backends import extract
+from agents.gpu import DeviceError, resolve_device
+from agents.topics.dedup import DuplicateIndex
 from tests.services import missing
 
 PYDOC = Path("/usr/share/doc/python3/html")
@@ -354,7 +355,7 @@ def test_near_duplicates_on_python_docs(embedder: Embedder, pages: Pages):
     assert hybrid["recall"] >= 0.90, f"missed duplicates: {missed}"
 
 
-# --- pipeline.embed -----------------------------------------------------------------------------------------------
+# --- agents.embedding -----------------------------------------------------------------------------------------------
 
 
 def test_chunks_overlap_and_cover_a_long_text(embedder: Embedder):
@@ -432,13 +433,13 @@ def test_devices(embedder: Embedder):
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(EmbedderError):
+    with pytest.raises(DeviceError):
         resolve_device("tpu")
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here: 'cuda' is a valid device")
     assert embedder.device == "cpu"
     for device in ("cuda", "cuda:0"):
-        with pytest.raises(EmbedderError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="CUDA is not available"):
             resolve_device(device)
     with pytest.raises(EmbedderError):
         embedder.set_device("cuda")
@@ -464,7 +465,7 @@ def test_model_resolution(tmp_path: Path):
             Embedder("no-such-org/no-such-model")
 
 
-# --- pipeline.dedup -----------------------------------------------------------------------------------------------
+# --- agents.topics.dedup -----------------------------------------------------------------------------------------------
 
 
 def random_unit(n: int, dim: int, seed: int) -> np.ndarray:

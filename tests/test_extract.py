@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.extract import DEFAULT_BACKENDS, extract
-from pipeline.urls import BadURL, normalize
+from agents.extractor.backends import DEFAULT_BACKENDS, extract
+from agents.urls import BadURL, normalize
 from tests.site import Site, make_pdf
 
 

@@ -11,10 +11,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.control import client, fetch_status
+from mesh.control import client, fetch_status
 from network.codec import encode
 from network.messages import Echo, Ping
-from tests.conftest import mesh_dict, wait_for
+from testing.harness import mesh_dict, wait_for
 from tests.fuzz.strategies import envelopes, mangled_valid, msgpack_values
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.docstore import Document, open_docstore
-from pipeline.hotcache import (
+from agents.curiosity.hotcache import (
     ENTRY_OVERHEAD,
     CachedDoc,
     Eviction,
@@ -29,6 +28,7 @@ from pipeline.hotcache import (
     RedisHotCache,
     open_hotcache,
 )
+from store.docstore import Document, open_docstore
 from tests.services import _start_redis, free_port, missing
 
 T0 = 1_700_000_000.0

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.config import load_config
-from network.lab import Lab, available, netem_available
-from tests.conftest import ROOT, wait_for
+from mesh.config import load_config
+from testing.harness import ROOT, wait_for
+from testing.lab import Lab, available, netem_available
 
 HOSTS = ("mainpc", "pc2")
 ECHOES_HANDLED = 'mesh_request_latency_seconds_count{side="server",type="mesh.echo"}'
@@ -23,8 +23,8 @@ ECHOES_HANDLED = 'mesh_request_latency_seconds_count{side="server",type="mesh.ec
 # (Lazy Pirate, same id) until answered. Prints the sequence numbers of the replies.
 SENDER = """
 import sys, time
-from agents.config import load_config
-from agents.control import client
+from mesh.config import load_config
+from mesh.control import client
 from network.messages import Echo
 cfg = load_config("config/mainpc.yaml")
 got = []
@@ -43,7 +43,7 @@ class TwoHostMesh:
         self.lab = lab
         self.tmp = tmp
         self.keys = tmp / "keys"
-        r = subprocess.run([sys.executable, "-m", "agents.cli", "keys", "generate", *HOSTS, "--keys-dir", str(self.keys)],
+        r = subprocess.run([sys.executable, "-m", "ops.meshctl", "keys", "generate", *HOSTS, "--keys-dir", str(self.keys)],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         a, b = (lab.hosts[h].address for h in HOSTS)
@@ -59,7 +59,7 @@ class TwoHostMesh:
         env = self.env_for(host)
         if keys is not None:
             env["MESH_KEYS_DIR"] = str(keys)
-        self.procs[host] = self.lab.spawn(host, [sys.executable, "-m", "agents.cli", "up", "--config",
+        self.procs[host] = self.lab.spawn(host, [sys.executable, "-m", "ops.meshctl", "up", "--config",
                                                  f"config/{host}.yaml"], cwd=ROOT, env=env,
                                           stdout=out, stderr=subprocess.STDOUT)
         out.close()
@@ -76,7 +76,7 @@ class TwoHostMesh:
         proc.wait(30)
 
     def status(self) -> dict:
-        r = self.lab.run("mainpc", [sys.executable, "-m", "agents.cli", "status", "--json", "--config",
+        r = self.lab.run("mainpc", [sys.executable, "-m", "ops.meshctl", "status", "--json", "--config",
                                     "config/mainpc.yaml"], cwd=ROOT, env=self.env_for("mainpc"), timeout=30)
         if r.returncode != 0:
             raise AssertionError(r.stderr)
@@ -219,7 +219,7 @@ def test_connectivity_names_a_closed_port(mesh):
 def test_connectivity_names_a_key_mismatch(lab, tmp_path):
     m = TwoHostMesh(lab, tmp_path)
     wrong = tmp_path / "pc2-keys"
-    r = subprocess.run([sys.executable, "-m", "agents.cli", "keys", "generate", "pc2", "--keys-dir", str(wrong)],
+    r = subprocess.run([sys.executable, "-m", "ops.meshctl", "keys", "generate", "pc2", "--keys-dir", str(wrong)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (wrong / "public" / "mainpc.key").write_bytes((m.keys / "public" / "mainpc.key").read_bytes())

@@ -3,20 +3,20 @@ twin restarts, draining. Agents run on threads of the test process with real soc
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import zmq
 
-import time
-
-from agents.control import client, fetch_status
 from agents.echo import EchoAgent
-from agents.health import probe
-from network.messages import Echo, Ping, Register, StateChanged
+from mesh.control import client, fetch_status
+from mesh.messages import Register, StateChanged
+from network.messages import Echo, Ping
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
 from network.rpc import MeshError
-from tests.conftest import mesh_dict, wait_for
+from ops.health import probe
+from testing.harness import mesh_dict, wait_for
 
 
 def states(config) -> dict[str, str]:

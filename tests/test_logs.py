@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from testing.harness import ROOT
 
 SCRIPT = """
 import logging, sys
 from pathlib import Path
-from agents.logs import setup_agent_logging
+from mesh.logs import setup_agent_logging
 for _ in range(int(sys.argv[2])):          # a second call must neither lose stderr nor double the lines
     path = setup_agent_logging("echo", "local", Path(sys.argv[1]))
 logging.getLogger("agent.echo").info("hello %s", "podman", extra={"peer": "twin"})
@@ -62,8 +62,8 @@ def test_log_stderr_survives_setting_up_twice(tmp_path):
 
 def test_deployed_groups_log_to_stderr_too():
     """Every container group deploy (and kube) starts has MESH_LOG_STDERR=1, so `podman logs` shows its agents."""
-    from agents import deploy
-    from agents.config import load_config
+    from mesh.config import load_config
+    from ops import deploy
 
     cfg = load_config(ROOT / "config" / "mainpc.yaml", environ={})
     specs = deploy.group_specs(cfg, "mainpc", no_gpu=True)
@@ -79,9 +79,9 @@ def test_logs_follow_agents_of_both_hosts_over_the_mesh(tmp_path, mesh_up):
 
     import yaml
 
-    from agents.config import load_config
-    from agents.control import fetch_status
-    from tests.conftest import mesh_dict, wait_for
+    from mesh.config import load_config
+    from mesh.control import fetch_status
+    from testing.harness import mesh_dict, wait_for
 
     d = mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]}, "b": {"kind": "echo", "depends_on": ["twin"]}},
                   hosts={"local": {"address": "127.0.0.1"}, "far": {"address": "127.0.0.2"}},
@@ -97,7 +97,7 @@ def test_logs_follow_agents_of_both_hosts_over_the_mesh(tmp_path, mesh_up):
     mesh_up(paths["local"])
     wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=30, what="both hosts ready")
     assert not (tmp_path / "local" / "logs" / "b.log").exists()       # b's log is only on `far`
-    follower = subprocess.Popen([sys.executable, "-m", "agents.cli", "logs", "-f", "a", "b", "--config",
+    follower = subprocess.Popen([sys.executable, "-m", "ops.meshctl", "logs", "-f", "a", "b", "--config",
                                  str(paths["local"]), "--lines", "3"], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"))
     try:

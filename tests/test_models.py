@@ -11,16 +11,24 @@ import sys
 import numpy as np
 import pytest
 
-from agents.control import client
+from agents.contracts import Embed, Generate, Generated, ModelsRequest, Unload, VramStatusRequest
+from agents.vram.gguf import (
+    GgufError,
+    GgufInfo,
+    LlamaModel,
+    MiB,
+    estimate,
+    kv_cache_bytes,
+    layers_that_fit,
+    write_tiny_llama,
+)
+from agents.vram.models import vectors
+from mesh.control import client
 from network.messages import Ack
 from network.rpc import MeshError
-from pipeline.gguf import MiB, GgufError, GgufInfo, LlamaModel, estimate, kv_cache_bytes, layers_that_fit, write_tiny_llama
-from pipeline.messages import Embed, Generate, Generated, ModelsRequest, Unload
-from pipeline.model_manager import vectors
-from pipeline.vram_agent import VramStatusRequest
-from tests.conftest import ROOT, mesh_dict, wait_for
+from testing.harness import ROOT, mesh_dict, wait_for
 
-OPTIMIZER = "pipeline.vram_agent:VramOptimizer"
+OPTIMIZER = "agents.vram.agent:VramOptimizer"
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,7 @@ def leases(cfg):
 
 
 def meshctl(path, *args):
-    return subprocess.run([sys.executable, "-m", "agents.cli", *args, "--config", str(path)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ops.meshctl", *args, "--config", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -213,8 +221,8 @@ SUBJECTS = {
 def test_readable_topic_titles_from_a_gguf_model(tiny, write_config, run_agents):
     """The topic agent's label_model: titles from the model manager's GGUF model (here a random one, so the titles
     are noise, but they are its output, per topic, and come back in topics.list)."""
-    from pipeline.docstore import Document, open_docstore
-    from pipeline.messages import TopicsRequest
+    from agents.contracts import TopicsRequest
+    from store.docstore import Document, open_docstore
 
     topics = {"kind": "topic_model", "depends_on": ["twin"],
               "settings": {"source": None, "poll_s": 0.2, "max_chunks": 1, "label_model": "tiny", "label_every_s": 0.5}}

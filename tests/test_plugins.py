@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import textwrap
 
-from agents.control import client, fetch_status
-from tests.conftest import MeshUp, mesh_dict, wait_for
+from mesh.control import client, fetch_status
+from testing.harness import MeshUp, mesh_dict, wait_for
 
 GREETER = '''
 from typing import ClassVar
 
-from agents.runtime import Agent, AgentSettings, handles
+from mesh.runtime import Agent, AgentSettings, handles
 from network.messages import Message
 
 

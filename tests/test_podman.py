@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from agents.config import load_config
-from agents.control import fetch_status
-from tests.conftest import ROOT, free_port_block, wait_for
+from mesh.config import load_config
+from mesh.control import fetch_status
+from testing.harness import ROOT, free_port_block, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_kube_yaml_is_played_by_podman(env, tmp_path):
 def test_mainpc_and_pc2_in_podman_on_two_lab_hosts(env, tmp_path):
     """Each host's groups deployed with podman_build.sh inside its lab namespace, CURVE on, then the
     connectivity check from MainPC."""
-    from network.lab import Lab, available
+    from testing.lab import Lab, available
 
     ok, why = available()
     if not ok:

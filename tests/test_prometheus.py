@@ -28,14 +28,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.config import MeshConfig, load_config
-from agents.control import client, fetch_status
-from agents.monitoring import SHIPPED_CONFIG, SHIPPED_DASHBOARD, SHIPPED_RULES, TARGET_LABELS, render, scrape_config
+from agents.contracts import VramAcquire, VramStatusRequest
+from agents.gpu import MIB
+from mesh.config import MeshConfig, load_config
+from mesh.control import client, fetch_status
 from network.metrics import MeshMetrics
 from network.rpc import MeshError
-from pipeline.vram import MIB
-from pipeline.vram_agent import VramAcquire, VramStatusRequest
-from tests.conftest import ROOT, MeshUp, mesh_dict, wait_for
+from ops.monitoring import SHIPPED_CONFIG, SHIPPED_DASHBOARD, SHIPPED_RULES, TARGET_LABELS, render, scrape_config
+from testing.harness import ROOT, MeshUp, mesh_dict, wait_for
 from tests.services import free_port, missing
 
 
@@ -76,7 +76,7 @@ def test_shipped_scrape_config_is_what_the_generator_makes_from_mesh_yaml():
 
 def test_meshctl_prometheus_config_prints_writes_and_takes_addresses_from_the_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.endswith("_ADDRESS")}
-    cmd = [sys.executable, "-m", "agents.cli", "prometheus-config", "--config", "config/mesh.yaml"]
+    cmd = [sys.executable, "-m", "ops.meshctl", "prometheus-config", "--config", "config/mesh.yaml"]
     shipped = subprocess.run([*cmd, "--no-env"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                              env=dict(env, MAINPC_ADDRESS="10.9.9.9"))
     assert shipped.returncode == 0, shipped.stderr
@@ -423,7 +423,7 @@ def test_podman_build_monitoring_runs_prometheus_in_a_container(monkeypatch, tmp
     """The Prometheus image built from the local Debian base image (Debian's package), run on the host
     network with the config generated for host `local` and the shipped rules; it scrapes the agents of
     a `meshctl up` running here. Running it again changes nothing; --down --volumes leaves nothing."""
-    from tests.conftest import free_port_block
+    from testing.harness import free_port_block
     from tests.test_podman import BASE, podman_available
 
     ok, why = podman_available()

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from pipeline.docstore import Document, Scores, open_docstore
-from pipeline.report import crawl_report
-from tests.conftest import ROOT, mesh_dict
+from store.docstore import Document, Scores, open_docstore
+from store.report import crawl_report
+from testing.harness import ROOT, mesh_dict
 
 
 def fill(store) -> None:
@@ -57,7 +57,7 @@ def test_meshctl_crawl_report(tmp_path, write_config):
     store.close()
 
     def meshctl(*args):
-        return subprocess.run([sys.executable, "-m", "agents.cli", "crawl-report", *args, "--config", str(path)],
+        return subprocess.run([sys.executable, "-m", "ops.meshctl", "crawl-report", *args, "--config", str(path)],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
 
     r = meshctl("--json", "--spans", "2", "--novel-bar", "0.9")

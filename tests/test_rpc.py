@@ -9,13 +9,14 @@ import msgpack
 import pytest
 import zmq
 
+from mesh.messages import StateChanged
 from network.codec import decode, encode
-from network.messages import Echo, Error, Ping, StateChanged
+from network.messages import Echo, Error, Ping
 from network.metrics import MeshMetrics
 from network.pubsub import Publisher, Subscriber
 from network.reactor import Reactor
 from network.rpc import MeshError, Peer, RequestTimeout, RpcClient, RpcServer
-from tests.conftest import free_port_block, wait_for
+from testing.harness import free_port_block, wait_for
 
 
 class ServerThread:

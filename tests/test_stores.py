@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.docstore import LATEST_VERSION, DocStore, Document, SchemaError, StoreUnavailable, open_docstore
-from pipeline.export import SCHEMA, export_parquet
-from pipeline.frontier import Entry, Frontier, FrontierError, FrontierUnavailable, open_frontier
-from pipeline.rawstore import FetchRecord, RawCorrupt, RawMissing, RawStore
+from agents.crawler.frontier import Entry, Frontier, FrontierError, FrontierUnavailable, open_frontier
+from agents.crawler.rawstore import FetchRecord, RawCorrupt, RawMissing, RawStore
+from store.docstore import LATEST_VERSION, DocStore, Document, SchemaError, StoreUnavailable, open_docstore
+from store.export import SCHEMA, export_parquet
 from tests.services import free_port
 
 T0 = 1_700_000_000.0
@@ -345,7 +345,7 @@ def test_content_change_resets_topic_columns(docstore: DocStore):
 
 
 def test_save_scores_in_one_batch_and_reset_on_new_content(docstore: DocStore):
-    from pipeline.docstore import Scores
+    from store.docstore import Scores
 
     a, b = doc("a"), doc("b")
     docstore.upsert(a)
@@ -369,7 +369,7 @@ def test_save_scores_in_one_batch_and_reset_on_new_content(docstore: DocStore):
 
 
 def test_score_counts_from_the_stored_scores(docstore: DocStore):
-    from pipeline.docstore import Scores
+    from store.docstore import Scores
 
     assert docstore.score_counts() == {"documents": 0, "duplicates": 0, "exact_duplicates": 0}
     a, near, exact, pending = doc("a"), doc("near", content="v2"), doc("exact"), doc("pending", content="v3")

@@ -11,15 +11,16 @@ import time
 
 import zmq
 
-from agents.control import fetch_status
-from network.messages import StateChanged
+from mesh.control import fetch_status
+from mesh.messages import StateChanged
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
-from tests.conftest import ROOT, alive, mesh_dict, wait_for
+from testing.harness import ROOT, mesh_dict, wait_for
+from testing.procs import alive
 
 
 def meshctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agents.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ops.meshctl", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, COLUMNS="200"))
 
 
@@ -103,7 +104,7 @@ def test_status_plan_and_logs_commands(write_config, mesh_up):
     assert [a["agent"] for a in js["agents"]] == ["twin", "a", "b"]
     plan = meshctl("plan", "--config", str(path)).stdout
     assert plan.index("1. twin") < plan.index("2. a") < plan.index("3. b")
-    logs = subprocess.Popen([sys.executable, "-m", "agents.cli", "logs", "-f", "a", "b", "--config", str(path),
+    logs = subprocess.Popen([sys.executable, "-m", "ops.meshctl", "logs", "-f", "a", "b", "--config", str(path),
                              "--lines", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, COLUMNS="200"))
     try:

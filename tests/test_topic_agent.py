@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.control import client
+from agents.contracts import DocScored, TopicsRequest
+from agents.extractor.backends import extract
+from mesh.control import client
 from network.messages import Ping
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
-from pipeline.docstore import Document, open_docstore
-from pipeline.extract import extract
-from pipeline.messages import DocScored, TopicsRequest
-from tests.conftest import mesh_dict, wait_for
+from store.docstore import Document, open_docstore
+from testing.harness import mesh_dict, wait_for
 from tests.services import missing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,7 +101,7 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     assert all(t.keywords and t.label for t in listing.topics)
     assert {e.url for e in ctx_events} >= set(urls[-10:])
     store.close()
-    import httpx   # the twin's dashboard: documents, duplicates, topics, the novelty spread
+    import httpx  # the twin's dashboard: documents, duplicates, topics, the novelty spread
     board = f"http://127.0.0.1:{cfg.mesh.base_port + 80}/api/state"
     pipe = wait_for(lambda: (p := httpx.get(board).json()["pipeline"]).get("scored") == 43 and p, timeout=10,
                     what="the topic figures on the dashboard")
@@ -110,9 +110,9 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from testing.harness import ROOT
 
-    r = subprocess.run([sys.executable, "-m", "agents.cli", "topics", "--config", str(path), "--json"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "ops.meshctl", "topics", "--config", str(path), "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["documents"] == 43

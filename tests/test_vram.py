@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.embed import resolve_model
-from pipeline.vram import (
-    GRANTED, MIB, REVOKING, WAITING, EstimateBook, EstimateError, LeasePolicy, NoGpu, NvmlGpus, PolicyError,
-    SimulatedGPU, SimulatedOutOfMemory, detect_gpus, estimate_safetensors, estimate_sentence_transformer,
-)
+from agents.contracts import GRANTED, REVOKING, WAITING
+from agents.embedding import resolve_model
+from agents.gpu import MIB, EstimateError, estimate_safetensors, estimate_sentence_transformer
+from agents.vram.gpus import NoGpu, NvmlGpus, SimulatedGPU, SimulatedOutOfMemory, detect_gpus
+from agents.vram.policy import EstimateBook, LeasePolicy, PolicyError
 
 GIB = 1 << 30
 
@@ -427,7 +427,7 @@ def test_minilm_estimate_from_the_real_model_directory():
     assert est.weights == weights.bytes
     assert est.activations == 4 * (b * s * (7 * h + 2 * i) + 2 * b * heads * s * s)
     assert "batch 32 x 256 tokens" in est.detail
-    small = estimate_sentence_transformer("all-MiniLM-L6-v2", batch_size=4, max_seq_length=128)
+    small = estimate_sentence_transformer(model_dir, batch_size=4, max_seq_length=128)
     assert small.weights == est.weights and small.activations < est.activations / 8
     with pytest.raises(EstimateError, match="not a local model directory"):
         estimate_sentence_transformer("./no/such/model")

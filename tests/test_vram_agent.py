@@ -14,19 +14,17 @@ import pytest
 import zmq
 from pydantic import Field
 
-from agents.control import client
-from agents.runtime import Agent, AgentSettings
+from agents.contracts import VramAcquire, VramGranted, VramRelease, VramRevoke, VramStatusRequest, VramTouch
+from agents.gpu import MIB, VramClient, VramLease
+from mesh.control import client
+from mesh.runtime import Agent, AgentSettings
 from network.messages import Ping
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
 from network.rpc import MeshError
-from pipeline.vram import MIB
-from pipeline.vram_agent import (
-    VramAcquire, VramClient, VramGranted, VramLease, VramRelease, VramRevoke, VramStatusRequest, VramTouch,
-)
-from tests.conftest import ROOT, mesh_dict, wait_for
+from testing.harness import ROOT, mesh_dict, wait_for
 
-OPTIMIZER = "pipeline.vram_agent:VramOptimizer"
+OPTIMIZER = "agents.vram.agent:VramOptimizer"
 
 
 class HolderSettings(AgentSettings):
@@ -197,7 +195,7 @@ def test_client_helper_loads_unloads_when_revoked_and_releases(write_config, run
         st = wait_for(lambda: (s := status(c)).leases and s, what="the lease listed")
         [lease] = st.leases
         assert (lease.agent, lease.model, lease.priority, lease.bytes) == ("holder", "topic-model", 1, 600 * MIB)
-        import httpx   # the twin's dashboard shows the GPU and the lease (the optimizer's heartbeat gauges)
+        import httpx  # the twin's dashboard shows the GPU and the lease (the optimizer's heartbeat gauges)
         board = f"http://127.0.0.1:{cfg.mesh.base_port + 80}/api/state"
         gpu = wait_for(lambda: (g := httpx.get(board).json()["gpu"])["leases"] and g, what="the lease on the dashboard")
         assert gpu["agent"] == "vram" and gpu["leases"] == {"holder": 600} and gpu["waiting"] == 0
@@ -215,7 +213,7 @@ class HolderProcess:
 
     def __init__(self, path, log_path):
         self.log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until kill() closes it
-        code = ("import sys; from agents.config import load_config; from agents.runtime import run_agent; "
+        code = ("import sys; from mesh.config import load_config; from mesh.runtime import run_agent; "
                 "run_agent(load_config(sys.argv[1]), 'holder')")
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT)

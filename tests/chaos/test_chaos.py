@@ -51,8 +51,9 @@ from pathlib import Path
 
 import pytest
 
-from network.lab import Lab, available
-from tests.conftest import PYDOC, ROOT
+from testing.harness import ROOT
+from testing.lab import Lab, available
+from tests.conftest import PYDOC
 from tests.services import _postgres_bindir, missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -73,10 +74,10 @@ PROGRESS_TIMEOUT_S = 120.0    # covers a restart with models to load on a busy 2
 # per command line in (status: the twin's table; crawl: the coordinator's; topics: the topic model's listing).
 HELPER = r"""
 import json, sys
-from agents.config import load_config
-from agents.control import client
-from network.messages import StatusRequest
-from pipeline.messages import CrawlStatusRequest, TopicsRequest
+from mesh.config import load_config
+from mesh.control import client
+from mesh.messages import StatusRequest
+from agents.contracts import CrawlStatusRequest, TopicsRequest
 cfg = load_config("config/mainpc.yaml")
 ASK = {"status": lambda: (cfg.twin, StatusRequest()), "crawl": lambda: ("crawler", CrawlStatusRequest()),
        "topics": lambda: ("topics", TopicsRequest(limit=10000))}
@@ -264,7 +265,7 @@ class Stores:
         self.redis.wait(10)
 
     def frontier(self):
-        from pipeline.frontier import RedisFrontier
+        from agents.crawler.frontier import RedisFrontier
 
         return RedisFrontier(f"unix://{self.redis_socket}?db=0", prefix="frontier")
 
@@ -298,7 +299,7 @@ def site_links(base: str) -> dict[str, list[str]]:
     them (the same link code, on the same parse)."""
     from trafilatura.utils import load_html
 
-    from pipeline.extract import _links
+    from agents.extractor.backends import _links
 
     graph: dict[str, list[str]] = {}
     for path in PYDOC.rglob("*.html"):
@@ -362,7 +363,7 @@ class Chaos:
         self.tmp = tmp
         self.stores = stores
         self.keys = tmp / "keys"
-        r = subprocess.run([sys.executable, "-m", "agents.cli", "keys", "generate", *HOSTS, "--keys-dir", str(self.keys)],
+        r = subprocess.run([sys.executable, "-m", "ops.meshctl", "keys", "generate", *HOSTS, "--keys-dir", str(self.keys)],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         a, b = (lab.hosts[h].address for h in HOSTS)
@@ -396,7 +397,7 @@ class Chaos:
 
     def start(self, host: str) -> None:
         out = (self.tmp / f"up-{host}.out").open("ab")
-        self.procs[host] = self.lab.spawn(host, [sys.executable, "-m", "agents.cli", "up", "--config",
+        self.procs[host] = self.lab.spawn(host, [sys.executable, "-m", "ops.meshctl", "up", "--config",
                                                  self.configs[host]], cwd=ROOT, env=self.env_for(host),
                                           stdout=out, stderr=subprocess.STDOUT)
         out.close()

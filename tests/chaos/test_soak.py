@@ -31,13 +31,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agents.control import client, fetch_status
+from agents.contracts import CrawlStatusRequest
 from agents.probe import ProbeReport, ProbeWatch
+from mesh.control import client, fetch_status
 from network.messages import Echo
 from network.rpc import MeshError
-from pipeline.docstore import open_docstore
-from pipeline.messages import CrawlStatusRequest
-from tests.conftest import ROOT, descendants, mesh_dict, wait_for
+from store.docstore import open_docstore
+from testing.harness import ROOT, mesh_dict, wait_for
+from testing.procs import descendants
 from tests.site import Site
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(float(os.environ.get("MESH_SOAK_S", "600"))) + 300)]

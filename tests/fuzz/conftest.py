@@ -15,10 +15,10 @@ import yaml
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.config import MeshConfig, load_config
-from agents.control import client
+from mesh.config import MeshConfig, load_config
+from mesh.control import client
 from network.messages import Ping
-from tests.conftest import ROOT, MeshUp, mesh_dict, wait_for
+from testing.harness import ROOT, MeshUp, mesh_dict, wait_for
 
 MAX_FRAME = 64 * 1024           # hard limit (ZMQ_MAXMSGSIZE) = max(4 x this, 1 MiB) = 1 MiB
 HARD_LIMIT = 1 << 20
@@ -64,7 +64,7 @@ def agent_pid(cfg: MeshConfig, agent: str) -> int:
 
 
 def meshctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agents.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ops.meshctl", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, COLUMNS="200"))
 
 

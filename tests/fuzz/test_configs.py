@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.config import MAX_CONFIG_BYTES, MAX_CONFIG_VALUES, ConfigError, load_config
-from tests.conftest import ROOT
+from mesh.config import MAX_CONFIG_BYTES, MAX_CONFIG_VALUES, ConfigError, load_config
+from testing.harness import ROOT
 
 VALID = """\
 hosts:
@@ -125,7 +125,7 @@ def write(tmp_path: Path, name: str, content: bytes | str) -> Path:
 
 def meshctl_check(path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUZZ_")}
-    return subprocess.run([sys.executable, "-m", "agents.cli", "check", "--config", str(path)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ops.meshctl", "check", "--config", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env=dict(env, COLUMNS="300"))
 
 

@@ -24,15 +24,15 @@ import yaml
 import zmq
 import zstandard
 
-from agents.config import load_config
-from agents.control import client
+from agents.contracts import CrawlStatusRequest, Enqueue
+from agents.crawler.fetch import Fetcher
+from agents.crawler.rawstore import RawStore
+from mesh.config import load_config
+from mesh.control import client
 from network.codec import decode, encode
 from network.messages import Error, Ping
 from network.reactor import Reactor
-from pipeline.fetch import Fetcher
-from pipeline.messages import CrawlStatusRequest, Enqueue
-from pipeline.rawstore import RawStore
-from tests.conftest import ROOT, MeshUp, mesh_dict, wait_for
+from testing.harness import ROOT, MeshUp, mesh_dict, wait_for
 from tests.fuzz.conftest import by_label, delta, scrape
 from tests.fuzz.hostile_site import PAGES, HostileSite, build_all, honest_page
 from tests.samples import SAMPLES
@@ -103,7 +103,7 @@ print(json.dumps(out))
 
 def test_fetcher_stops_compression_bombs_at_the_cap(hostile):
     """4 GiB of gzip, 1 GiB of deflate, 16 GiB of zstd, two gzip layers: each body is cut at the 2 MiB cap,
-    decoded in bounded steps, in a process limited to 1.5 GiB of address space. (Before pipeline/fetch.py
+    decoded in bounded steps, in a process limited to 1.5 GiB of address space. (Before agents/crawler/fetch.py
     decoded by itself, httpx inflated one 64 kB read of the zstd bomb to 2 GiB in one call.)"""
     r = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, hostile.url("")], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)

@@ -31,13 +31,21 @@ import zmq.utils.monitor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from network.codec import decode, encode
-from network.messages import Echo, Error, Ping, StatusRequest
-from network.security import load_identity
 from agents.probe import ProbeReport, ProbeWatch
-from tests.conftest import wait_for
+from mesh.messages import StatusRequest
+from network.codec import decode, encode
+from network.messages import Echo, Error, Ping
+from network.security import load_identity
+from testing.harness import wait_for
 from tests.fuzz.conftest import (
-    HARD_LIMIT, MAX_FRAME, by_label, dealer, delta, proc_status, scrape, settle,
+    HARD_LIMIT,
+    MAX_FRAME,
+    by_label,
+    dealer,
+    delta,
+    proc_status,
+    scrape,
+    settle,
 )
 from tests.fuzz.strategies import EXAMPLES, FUZZ_SETTINGS, event_verdict, frames, msgpack_values, verdict
 

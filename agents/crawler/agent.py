@@ -1,0 +1,615 @@
+"""The crawl coordinator agent: frontier -> polite fetches -> raw store -> acknowledged hand-off.
+
+    seeds / crawl.enqueue / outlinks
+        -> frontier (SQLite or Redis; seen-set; priorities, which crawl.prioritize changes)
+        -> per-host queues: robots.txt (Protego), politeness delay (max of the setting and the
+           site's Crawl-delay), per-host and global concurrency, depth limit, page budget
+        -> fetch (httpx, asynchronous; size, time and content-type caps; redirects scheduled as
+           new URLs so every hop passes robots.txt, politeness and the seen-set; retries with
+           exponential backoff for 5xx, 429 and network errors)
+        -> raw store (every body once, content-addressed) + fetch record
+        -> frontier state 'fetched' -> extract.page to the extractor
+        -> extract.stored (the document is in the store) -> outlinks into the frontier, page done
+
+A page is marked done only when the extractor has acknowledged it. Pages still 'fetched' when
+the coordinator stops are read back from the raw store and delivered again when it starts; the
+extractor's upsert makes a repeat harmless, so every fetched page ends in the store exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zstandard
+from protego import Protego
+from pydantic import Field
+
+from agents.contracts import (
+    CrawlDiscovered,
+    CrawlStatus,
+    CrawlStatusRequest,
+    Enqueue,
+    EnqueueResult,
+    ExtractPage,
+    PageFetched,
+    PageStored,
+    Prioritize,
+    PrioritizeResult,
+)
+from agents.crawler.fetch import REDIRECTS, Fetcher, FetchResult
+from agents.crawler.frontier import Entry, Frontier, FrontierUnavailable, open_frontier
+from agents.crawler.rawstore import FetchRecord, RawMissing, RawStore
+from agents.urls import BadURL, host_of, normalize, origin_of
+from mesh.config import AgentRef, ConfigError, MeshConfig
+from mesh.messages import StateChanged
+from mesh.runtime import Agent, AgentSettings, handles
+from network.codec import Envelope
+from network.messages import AgentState
+from network.reactor import Timer
+from network.rpc import MeshError
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+POP_PAUSE_S = 1.0    # every host's buffer was full: take only what busy hosts have room for, for this long
+PERMANENT_ERRORS = ("too_large", "invalid_body", "undecodable")   # delivering again cannot help
+FRAME_OVERHEAD = 64 << 10
+STORE_RETRY_S = 2.0
+
+
+class CrawlSettings(AgentSettings):
+    seeds: list[str] = Field(default_factory=list, description="start URLs (meshctl up --seeds overrides)")
+    max_depth: int = Field(3, ge=0, le=100, description="links followed from a seed; seeds are depth 0")
+    max_pages: int = Field(1000, ge=1, description="page budget: URLs fetched (or refused) in all")
+    politeness_s: float = Field(1.0, ge=0, le=600, description="least time between two requests to one host")
+    per_host_concurrency: int = Field(2, ge=1, le=64)
+    concurrency: int = Field(32, ge=1, le=1024, description="fetches under way at once, all hosts together")
+    max_retries: int = Field(3, ge=0, le=20, description="retries for 5xx, 429, timeouts and connection errors")
+    retry_backoff_s: float = Field(2.0, ge=0, le=3600, description="first retry delay; doubles each time")
+    timeout_s: float = Field(15.0, gt=0, le=600, description="whole-fetch time cap")
+    max_bytes: int = Field(2 << 20, ge=1024, le=256 << 20, description="body size cap; longer bodies are cut here")
+    max_redirects: int = Field(5, ge=0, le=30)
+    user_agent: str = "agent-mesh-crawler/0.1"
+    content_types: list[str] = Field(
+        default_factory=lambda: ["text/html", "application/xhtml+xml", "application/pdf", "text/plain"],
+        description="media types downloaded and handed to the extractor; others are recorded as skipped")
+    stay_on_seed_hosts: bool = Field(True, description="follow links only to the hosts of the seeds (and of crawl.enqueue)")
+    extractor: AgentRef("extractor") = Field("extractor", description="the agent that extracts and stores fetched pages")
+    handoff_window: int = Field(16, ge=1, le=1024, description="pages sent to the extractor and not yet acknowledged")
+    handoff_timeout_s: float = Field(60.0, gt=0, description="wait for an acknowledgement before delivering again")
+    robots_retry_s: float = Field(30.0, gt=0, description="wait before asking again for an unreachable robots.txt")
+    max_crawl_delay_s: float = Field(30.0, ge=0, description="ceiling on a site's Crawl-delay")
+    host_buffer: int = Field(4, ge=1, le=1024, description="URLs taken from the frontier ahead of time per host (at "
+                             "least 2 x per_host_concurrency), in priority order; the rest stay in the frontier, where "
+                             "new priorities still reorder them")
+
+
+def _insert_by_priority(queue: collections.deque, entry: Entry) -> None:
+    """Highest priority first, first come first among equals (the frontier's order)."""
+    for i, e in enumerate(queue):
+        if entry.priority > e.priority:
+            queue.insert(i, entry)
+            return
+    queue.append(entry)
+
+
+@dataclass
+class HostState:
+    queue: collections.deque = field(default_factory=collections.deque)
+    active: int = 0
+    next_start: float = 0.0           # monotonic: politeness
+    robots: Protego | None = None
+    robots_state: str = "unknown"     # unknown | fetching | ready | unavailable
+    robots_until: float = 0.0
+    robots_failures: int = 0
+    robots_error: str = ""
+    robots_started: float = 0.0
+    crawl_delay: float = 0.0
+
+
+class CrawlCoordinator(Agent):
+    kind = "crawl_coordinator"
+    Settings = CrawlSettings
+
+    def __init__(self, name: str, config: MeshConfig) -> None:
+        super().__init__(name, config)
+        s = self.settings
+        self.seeds: list[str] = []
+        problems = []
+        for i, seed in enumerate(s.seeds):
+            try:
+                self.seeds.append(normalize(seed))
+            except BadURL as exc:
+                problems.append((f"agents.{name}.settings.seeds[{i}]", str(exc), "give an http:// or https:// URL"))
+        if problems:
+            raise ConfigError(config.source, problems)
+        self.scope: set[str] = {host_of(u) for u in self.seeds}
+        self.accept = {t.lower() for t in s.content_types}
+        self.frontier: Frontier | None = None
+        self.raw: RawStore | None = None
+        self.fetcher: Fetcher | None = None
+        self.hosts: dict[str, HostState] = {}
+        self.buffered = 0
+        self.pop_after = 0.0        # monotonic: when to take URLs from the frontier again (POP_PAUSE_S)
+        self.in_flight: dict[str, Entry] = {}
+        self.handoff: collections.deque[tuple[Entry, FetchResult | None]] = collections.deque()
+        self.handoff_sent: dict[str, Entry] = {}
+        self.handoff_backoff = 0.0
+        self.handoff_paused_until = 0.0
+        self.budget_used = 0
+        self.pages = 0
+        self.documents = 0
+        self._timer: Timer | None = None
+        self._timer_at = float("inf")
+        self._local = threading.local()
+        self._zstd = zstandard.ZstdCompressor(level=3)
+        self._running = False
+
+    # --- start and stop ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        if self.uses_twin:   # the twin says when the extractor dies or restarts: the pages it held are lost then
+            self.subscribe(self.config.twin, StateChanged.type_name, self._on_agent_state, StateChanged)
+
+    def on_ready(self) -> None:
+        s = self.settings
+        self.frontier = open_frontier(self.config.store_url("frontier"), prefix=self.config.stores.frontier_prefix)
+        self.raw = RawStore(self.config.raw_dir)
+        recovered = self.frontier.recover()
+        stats = self.frontier.stats()
+        self.budget_used = stats["done"] + stats["failed"] + stats["fetched"]
+        added = self.frontier.add(Entry(url=u, depth=0, priority=1.0) for u in self.seeds)
+        for entry in self.frontier.fetched():
+            self.handoff.append((entry, None))
+        self.fetcher = Fetcher(self.reactor, user_agent=s.user_agent, timeout_s=s.timeout_s, max_bytes=s.max_bytes,
+                               max_connections=max(s.concurrency, 4), postprocess=self._store_fetch)
+        self.fetcher.start()
+        self._running = True
+        self.log.info("crawl: %d seed(s) (%d new), frontier %s, %d requeued after a stop, %d page(s) to hand off "
+                      "again, budget %d/%d used", len(self.seeds), len(added), stats, recovered, len(self.handoff),
+                      self.budget_used, s.max_pages)
+        self.reactor.call_later(0, self._pump)
+
+    def on_drain(self) -> None:
+        self._running = False
+        if self.fetcher is not None:
+            self.fetcher.close()
+        if self.frontier is not None:
+            waiting = [e.url for hs in self.hosts.values() for e in hs.queue] + list(self.in_flight)
+            self.frontier.release(waiting)  # fetched pages stay 'fetched' and are delivered again next start
+            self.log.info("drained: %d URL(s) back in the frontier, %d page(s) waiting for the extractor",
+                          len(waiting), len(self.handoff) + len(self.handoff_sent))
+
+    def close(self) -> None:
+        super().close()
+        if self.fetcher is not None:
+            self.fetcher.close()
+        for store in (self.frontier, self.raw):
+            if store is not None:
+                store.close()
+        self.frontier = self.raw = None
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def _wake_at(self, when: float) -> None:
+        if when >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.reactor.call_later(max(0.0, when - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        self._pump()
+
+    def _host(self, url: str) -> HostState:
+        host = host_of(url)
+        hs = self.hosts.get(host)
+        if hs is None:
+            hs = self.hosts[host] = HostState()
+        return hs
+
+    def _pump(self) -> None:
+        """Fills the per-host queues from the frontier and starts every fetch politeness allows."""
+        if not self._running:
+            return
+        s = self.settings
+        self._pump_handoff()
+        now = time.monotonic()
+        backlog = len(self.handoff) + len(self.handoff_sent)
+        cap = max(s.host_buffer, 2 * s.per_host_concurrency)
+        room = min(max(4 * s.concurrency, 64) - self.buffered, cap * (len(self.hosts) + 1),
+                   s.max_pages - self.budget_used - self.buffered - len(self.in_flight))
+        if now < self.pop_after:
+            # the last look found every host's buffer full: until POP_PAUSE_S is over, take only what the
+            # hosts at work have room for (a look as wide as `room` finds other hosts' URLs)
+            room = min(room, sum(cap - len(hs.queue) for hs in self.hosts.values() if hs.queue or hs.active))
+        if room > 0 and backlog < 4 * s.handoff_window:
+            try:
+                popped = self.frontier.pop(room)
+                self.recovered("frontier")
+            except FrontierUnavailable as exc:
+                self.log.warning("frontier unavailable (%s); trying again in %.0f s", exc, STORE_RETRY_S)
+                self.degraded("frontier", exc)
+                self._wake_at(now + STORE_RETRY_S)
+                popped = []
+            back = []
+            for entry in popped:
+                hs = self._host(entry.url)
+                if len(hs.queue) >= cap:
+                    back.append(entry.url)
+                    continue
+                _insert_by_priority(hs.queue, entry)
+                self.buffered += 1
+            if back:   # their hosts have enough waiting: they wait in the frontier, in its (changing) order
+                try:
+                    self.frontier.release(back)
+                except FrontierUnavailable as exc:   # they stay leased; a restart requeues them
+                    self.log.warning("frontier unavailable (%s): %d URL(s) stay leased", exc, len(back))
+                self.pop_after = now + POP_PAUSE_S
+        wake = float("inf")
+        for host, hs in self.hosts.items():
+            if not hs.queue:
+                continue
+            if hs.robots_state != "ready":
+                wake = min(wake, self._robots(host, hs, now))
+                continue
+            delay = max(s.politeness_s, hs.crawl_delay)
+            while hs.queue and hs.active < s.per_host_concurrency and len(self.in_flight) < s.concurrency:
+                if now < hs.next_start:
+                    wake = min(wake, hs.next_start)
+                    break
+                entry = hs.queue.popleft()
+                self.buffered -= 1
+                if not hs.robots.can_fetch(entry.url, s.user_agent):
+                    self._finish(entry, ok=False, error="disallowed by robots.txt", outcome="disallowed")
+                    continue
+                hs.active += 1
+                hs.next_start = now + delay
+                self.in_flight[entry.url] = entry
+                self.fetcher.submit(entry.url, lambda r, e=entry: self._fetched(e, r), accept=self.accept.__contains__)
+        if self.buffered == 0 and not self.in_flight and self.budget_used < s.max_pages:
+            try:
+                due = self.frontier.next_due()
+            except FrontierUnavailable as exc:   # look again later, or nothing would wake the idle crawl
+                self.degraded("frontier", exc)
+                due = time.time() + STORE_RETRY_S
+            if due is not None:
+                wake = min(wake, now + max(0.0, due - time.time()) + 0.01)
+        if wake < float("inf"):
+            self._wake_at(wake)
+
+    # --- robots.txt -------------------------------------------------------------------------
+
+    def _robots(self, host: str, hs: HostState, now: float) -> float:
+        """Starts or waits for this host's robots.txt; returns when to look again."""
+        if hs.robots_state == "fetching":
+            return float("inf")  # its answer pumps again
+        if hs.robots_state == "unavailable" and now < hs.robots_until:
+            return hs.robots_until
+        hs.robots_state = "fetching"
+        hs.robots_started = now
+        hs.next_start = now + max(self.settings.politeness_s, hs.crawl_delay)
+        url = origin_of(hs.queue[0].url) + "/robots.txt"
+        self.fetcher.submit(url, lambda r: self._robots_fetched(host, hs, r, 0), max_bytes=512 << 10, store=False)
+        return float("inf")
+
+    def _robots_fetched(self, host: str, hs: HostState, r: FetchResult, hops: int) -> None:
+        if not self._running:
+            return
+        if r.status in REDIRECTS and r.redirect_to and hops < 5:
+            self.fetcher.submit(r.redirect_to, lambda r2: self._robots_fetched(host, hs, r2, hops + 1),
+                                max_bytes=512 << 10, store=False)
+            return
+        if r.error is None and r.status is not None and r.status < 500 and r.status != 429:
+            text = (r.body or b"").decode("utf-8", errors="replace") if 200 <= r.status < 300 else ""
+            hs.robots = Protego.parse(text)   # 4xx: no robots.txt, everything allowed
+            delay = hs.robots.crawl_delay(self.settings.user_agent)
+            hs.crawl_delay = min(float(delay or 0.0), self.settings.max_crawl_delay_s)
+            hs.next_start = max(hs.next_start, hs.robots_started + hs.crawl_delay)  # robots.txt was a request too
+            hs.robots_state, hs.robots_failures = "ready", 0
+            self.log.info("robots.txt of %s: HTTP %s%s", host, r.status,
+                          f", crawl-delay {hs.crawl_delay:g} s" if hs.crawl_delay else "")
+        else:
+            hs.robots_failures += 1
+            hs.robots_error = r.error or f"HTTP {r.status}"
+            if hs.robots_failures > self.settings.max_retries:
+                # RFC 9309: an unreachable robots.txt means nothing may be crawled
+                self.log.warning("robots.txt of %s unreachable (%s): its %d queued URL(s) fail", host, hs.robots_error,
+                                 len(hs.queue))
+                while hs.queue:
+                    self.buffered -= 1
+                    self._finish(hs.queue.popleft(), ok=False, error=f"robots.txt unreachable: {hs.robots_error}",
+                                 outcome="failed")
+                hs.robots_failures = 0
+                hs.robots_state = "unknown"
+            else:
+                hs.robots_state = "unavailable"
+                hs.robots_until = time.monotonic() + self.settings.robots_retry_s * hs.robots_failures
+                self.log.info("robots.txt of %s: %s; asking again in %.0f s", host, hs.robots_error,
+                              hs.robots_until - time.monotonic())
+        self._pump()
+
+    # --- fetch results ----------------------------------------------------------------------
+
+    def _store_fetch(self, r: FetchResult) -> None:
+        """Storage thread: the body into the raw store (once per content), the fetch record beside it."""
+        raw = getattr(self._local, "raw", None)
+        if raw is None:
+            raw = self._local.raw = RawStore(self.config.raw_dir)
+            self._local.zstd = zstandard.ZstdCompressor(level=3)
+        if r.body is not None:
+            r.content_hash = raw.put(r.body)
+            r.body_zstd = self._local.zstd.compress(r.body)
+        entry = self.in_flight.get(r.url)
+        r.fetch_id = raw.record(FetchRecord(
+            url=r.url, final_url=r.final_url, status=r.status or 0, headers=r.headers, fetched_at=r.fetched_at,
+            elapsed_s=r.elapsed_s, content_type=r.content_type, size=len(r.body or b""), truncated=r.truncated,
+            depth=entry.depth if entry is not None else 0, content_hash=r.content_hash, error=r.skipped))
+
+    def _fetched(self, entry: Entry, r: FetchResult) -> None:
+        if self.in_flight.pop(entry.url, None) is None or not self._running:
+            return  # drained meanwhile: the frontier has it back
+        hs = self._host(entry.url)
+        hs.active -= 1
+        if r.status is not None:
+            self.pages += 1
+        try:
+            self._outcome(entry, r)
+        except FrontierUnavailable as exc:
+            # the frontier did not take the outcome, so the URL is still leased there: fetch it again once the
+            # frontier answers (else it would stay leased, never fetched, until the coordinator restarts)
+            self.log.warning("frontier unavailable (%s): %s will be fetched again", exc, entry.url)
+            self.degraded("frontier", exc)
+            hs.queue.appendleft(entry)
+            self.buffered += 1
+            hs.next_start = max(hs.next_start, time.monotonic() + STORE_RETRY_S)
+        self._pump()
+
+    def _outcome(self, entry: Entry, r: FetchResult) -> None:
+        """Records a fetch's outcome in the frontier (each case's first step is the frontier call, so a
+        FrontierUnavailable leaves nothing half done) and queues a fetched page for the extractor."""
+        s = self.settings
+        if r.error is not None or r.status in RETRY_STATUSES:
+            why = r.error or f"HTTP {r.status}"
+            if entry.attempts < s.max_retries:
+                delay = s.retry_backoff_s * (2 ** entry.attempts)
+                self.frontier.retry(entry.url, not_before=time.time() + delay, error=why)
+                self._event(entry, r, "retry", f"{why}; retry {entry.attempts + 1}/{s.max_retries} in {delay:g} s")
+            else:
+                self._finish(entry, ok=False, status=r.status, error=f"{why} (after {entry.attempts + 1} attempts)",
+                             outcome="failed", r=r)
+        elif r.status in REDIRECTS and r.redirect_to:
+            self._redirect(entry, r)
+        elif r.skipped:
+            self._finish(entry, ok=True, status=r.status, error=f"skipped: {r.skipped}", outcome="skipped", r=r)
+        elif r.status >= 300:
+            self._finish(entry, ok=False, status=r.status, error=f"HTTP {r.status}", outcome="failed", r=r)
+        else:
+            self.frontier.mark_fetched(entry.url, r.fetch_id)
+            entry.fetch_id = r.fetch_id
+            self.budget_used += 1
+            self._event(entry, r, "fetched", "truncated at the size cap" if r.truncated else "")
+            r.body = None   # the raw store has it; the hand-off needs only the compressed copy
+            self.handoff.append((entry, r))
+
+    def _redirect(self, entry: Entry, r: FetchResult) -> None:
+        try:
+            target = normalize(r.redirect_to)
+        except BadURL as exc:
+            self._finish(entry, ok=False, status=r.status, error=f"bad redirect: {exc}", outcome="failed", r=r)
+            return
+        if entry.redirects >= self.settings.max_redirects:
+            self._finish(entry, ok=False, status=r.status, outcome="failed", r=r,
+                         error=f"too many redirects (limit {self.settings.max_redirects}), last to {target}")
+            return
+        if not self._in_scope(target):
+            self._finish(entry, ok=True, status=r.status, error=f"redirect to {target}, out of scope", outcome="redirect", r=r)
+            return
+        self.frontier.add([Entry(url=target, depth=entry.depth, priority=entry.priority, parent=entry.url,
+                                 anchor=entry.anchor, redirects=entry.redirects + 1)])
+        self._finish(entry, ok=True, status=r.status, error=f"redirected to {target}", outcome="redirect", r=r)
+
+    def _finish(self, entry: Entry, *, ok: bool, error: str, outcome: str, status: int | None = None,
+                r: FetchResult | None = None) -> None:
+        self.frontier.finish(entry.url, ok=ok, status=status, error=error)
+        self.budget_used += 1
+        self._event(entry, r, outcome, error)
+
+    def _event(self, entry: Entry, r: FetchResult | None, outcome: str, detail: str) -> None:
+        self.publish(PageFetched(url=entry.url, status=r.status if r else None, outcome=outcome, detail=detail[:500],
+                                 elapsed_ms=round(r.elapsed_s * 1000, 1) if r else 0.0,
+                                 size=len(r.body or b"") if r else 0), topic="crawl.fetched")
+
+    def _in_scope(self, url: str) -> bool:
+        return not self.settings.stay_on_seed_hosts or host_of(url) in self.scope
+
+    # --- hand-off to the extractor ----------------------------------------------------------
+
+    def _pump_handoff(self) -> None:
+        s = self.settings
+        now = time.monotonic()
+        if now < self.handoff_paused_until:
+            self._wake_at(self.handoff_paused_until)
+            return
+        peer = self.peer(s.extractor)
+        while self.handoff and len(self.handoff_sent) < s.handoff_window:
+            entry, r = self.handoff.popleft()
+            msg = self._page_message(entry, r)
+            if msg is None:
+                continue
+            limit = self.config.mesh.max_frame_bytes - FRAME_OVERHEAD
+            if len(msg.body_zstd) > limit:
+                self._finish(entry, ok=False, outcome="failed", status=msg.status,
+                             error=f"compressed body of {len(msg.body_zstd)} bytes does not fit a mesh frame "
+                                   f"(mesh.max_frame_bytes {self.config.mesh.max_frame_bytes}): not handed off")
+                continue
+            self.handoff_sent[entry.url] = entry
+            peer.request(msg, lambda reply, e=entry, status=msg.status: self._stored(e, reply, status),
+                         lambda exc, e=entry, r=r: self._handoff_failed(e, r, exc),
+                         timeout=s.handoff_timeout_s, retries=0)
+
+    def _page_message(self, entry: Entry, r: FetchResult | None) -> ExtractPage | None:
+        if r is None or r.body_zstd is None:  # delivered again after a restart: read it back
+            try:
+                rec = self.raw.fetch(entry.fetch_id)
+                body = self.raw.get(rec.content_hash) if rec.content_hash else b""
+            except (RawMissing, ValueError) as exc:
+                self.log.error("cannot deliver %s again: its raw body is missing (%s)", entry.url, exc)
+                self._finish(entry, ok=False, error=f"raw body lost: {exc}", outcome="failed")
+                return None
+            r = FetchResult(url=rec.url, final_url=rec.final_url, fetched_at=rec.fetched_at, status=rec.status,
+                            content_type=rec.content_type, truncated=rec.truncated, fetch_id=entry.fetch_id,
+                            content_hash=rec.content_hash or "", body_zstd=self._zstd.compress(body))
+        return ExtractPage(url=entry.url, final_url=r.final_url, fetch_id=r.fetch_id, status=r.status or 0,
+                           content_type=r.content_type, content_hash=r.content_hash or "", fetched_at=r.fetched_at,
+                           depth=entry.depth, truncated=r.truncated, body_zstd=r.body_zstd)
+
+    def _stored(self, entry: Entry, reply: PageStored, status: int) -> None:
+        if self.handoff_sent.pop(entry.url, None) is None or self.frontier is None:
+            return
+        if self.handoff_backoff:
+            self.log.info("extractor %s answers again", self.settings.extractor)
+        self.handoff_backoff = 0.0
+        depth = entry.depth + 1
+        try:
+            if depth <= self.settings.max_depth and reply.outlinks:
+                links = [link for link in reply.outlinks if self._in_scope(link.url)]
+                added = set(self.frontier.add(Entry(url=link.url, depth=depth, priority=-float(depth), parent=entry.url,
+                                                    anchor=link.anchor or None) for link in links))
+                if added:
+                    new = {link.url: link for link in reversed(links) if link.url in added}   # first anchor wins
+                    self.publish(CrawlDiscovered(parent=entry.url, depth=depth, links=list(reversed(new.values()))),
+                                 "crawl.discovered")
+            self.frontier.finish(entry.url, ok=True, status=status,
+                                 error=None if reply.state == "extracted" else reply.error)
+        except FrontierUnavailable as exc:
+            # the page is stored but the frontier did not take the outcome: deliver it again later (the
+            # extractor's upsert makes that harmless) rather than lose its outlinks
+            self.log.warning("frontier unavailable (%s): %s goes to the extractor again", exc, entry.url)
+            self.degraded("frontier", exc)
+            self.handoff.append((entry, None))
+            self.handoff_paused_until = time.monotonic() + STORE_RETRY_S
+            self._wake_at(self.handoff_paused_until)
+            return
+        self.documents += 1
+        self._pump()
+
+    def _on_agent_state(self, event: StateChanged, env: Envelope) -> None:
+        """The extractor died or stopped (the twin missed its heartbeats, or it deregistered), or a new process of it
+        registered before that was seen (ready -> starting): the pages the old process held went with it. They are
+        delivered again now, not after handoff_timeout_s; a reply the old process still sends is ignored, and storing
+        a page twice is harmless. (Unreachable is not gone: a partitioned extractor may still answer.)"""
+        if event.agent != self.settings.extractor or self.frontier is None:
+            return
+        state, previous = AgentState(event.state), AgentState(event.previous)
+        gone = (AgentState.DEAD, AgentState.STOPPED)
+        if state in gone or (state == AgentState.STARTING and previous not in (*gone, AgentState.DECLARED)):
+            n = self.peer(self.settings.extractor).fail_pending(
+                MeshError("peer_lost", f"the extractor is {state} ({event.reason or 'reported by the twin'})"))
+            if n:
+                self.log.warning("extractor %s is %s (%s) with %d page(s) in its hands: delivering them again",
+                                 self.settings.extractor, state, event.reason, n)
+
+    def _handoff_failed(self, entry: Entry, r: FetchResult | None, exc: MeshError) -> None:
+        if self.handoff_sent.pop(entry.url, None) is None or self.frontier is None:
+            return
+        if exc.code in PERMANENT_ERRORS:
+            self.log.error("extractor %s refused %s for good: %s: %s", self.settings.extractor, entry.url, exc.code,
+                           exc.message)
+            self._finish(entry, ok=False, outcome="failed", error=f"extractor refused it: {exc.code}: {exc.message}"[:500])
+            self._pump()
+            return
+        self.handoff.appendleft((entry, r))
+        if not self.handoff_backoff:
+            self.log.warning("extractor %s did not store %s (%s): keeping the page(s), delivering again",
+                             self.settings.extractor, entry.url, exc.message)
+        self.handoff_backoff = min(max(self.handoff_backoff * 2, 0.5), 10.0)
+        self.handoff_paused_until = time.monotonic() + self.handoff_backoff
+        self._wake_at(self.handoff_paused_until)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _require_ready(self) -> None:
+        if self.frontier is None:
+            raise MeshError("unavailable", f"crawl coordinator {self.name!r} is not ready yet")
+
+    def gauges(self) -> dict[str, float]:
+        # runs while the heartbeat is built: state changes wait for the reactor's next turn
+        try:
+            st = self.frontier.stats()
+        except FrontierUnavailable as exc:
+            self.reactor.call_later(0, lambda e=exc: self.degraded("frontier", e))
+            return {"fetched": self.pages, "documents": self.documents, "in_flight": len(self.in_flight),
+                    "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts)}
+        if self.state == AgentState.DEGRADED:
+            self.reactor.call_later(0, lambda: self.recovered("frontier"))
+        return {"frontier_queued": st["queued"], "frontier_seen": st["seen"], "fetched": self.pages,
+                "failed": st["failed"], "documents": self.documents, "in_flight": len(self.in_flight),
+                "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts)}
+
+    @handles(CrawlStatusRequest)
+    def on_status(self, msg: CrawlStatusRequest, env: Envelope) -> CrawlStatus:
+        self._require_ready()
+        st = self.frontier.stats()
+        s = self.settings
+        budget_left = max(0, s.max_pages - self.budget_used - self.buffered - len(self.in_flight))
+        busy = self.buffered or self.in_flight or self.handoff or self.handoff_sent
+        idle = not busy and (st["queued"] == 0 or budget_left == 0)
+        return CrawlStatus(queued=st["queued"], leased=st["leased"], fetched=st["fetched"], done=st["done"],
+                           failed=st["failed"], seen=st["seen"], pages=self.pages, in_flight=len(self.in_flight),
+                           handoff_in_flight=len(self.handoff_sent), documents=self.documents, budget_left=budget_left,
+                           idle=bool(idle), hosts=len(self.hosts))
+
+    @handles(Enqueue)
+    def on_enqueue(self, msg: Enqueue, env: Envelope) -> EnqueueResult:
+        self._require_ready()
+        result = EnqueueResult()
+        entries = []
+        for raw in msg.urls:
+            try:
+                url = normalize(raw)
+            except BadURL as exc:
+                result.rejected[raw] = str(exc)
+                continue
+            self.scope.add(host_of(url))   # asking for a host puts it in scope
+            entries.append(Entry(url=url, depth=msg.depth, priority=msg.priority))
+        result.added = self.frontier.add(entries)
+        for e in entries:
+            if e.url not in result.added:
+                result.rejected.setdefault(e.url, "already seen")
+        self.reactor.call_later(0, self._pump)
+        return result
+
+    def _reprioritize_buffered(self, url: str, priority: float) -> bool:
+        """A URL taken from the frontier but not fetched yet: its new priority reorders its host's buffer."""
+        hs = self.hosts.get(host_of(url))
+        if hs is None:
+            return False
+        for entry in hs.queue:
+            if entry.url == url:
+                hs.queue.remove(entry)
+                entry.priority = float(priority)
+                _insert_by_priority(hs.queue, entry)
+                return True
+        return False
+
+    @handles(Prioritize)
+    def on_prioritize(self, msg: Prioritize, env: Envelope) -> PrioritizeResult:
+        self._require_ready()
+        result = PrioritizeResult()
+        wanted: dict[str, tuple[str, float]] = {}
+        for raw, priority in msg.priorities.items():
+            try:
+                wanted[normalize(raw)] = (raw, priority)
+            except BadURL:
+                result.not_queued.append(raw)
+        changed = self.frontier.set_priorities({url: priority for url, (_, priority) in wanted.items()})
+        for url, (raw, priority) in wanted.items():
+            if url in changed or self._reprioritize_buffered(url, priority):
+                result.updated += 1
+            else:
+                result.not_queued.append(raw)
+        return result

@@ -1,0 +1,572 @@
+"""Mesh configuration: one pydantic model for every YAML file in config/.
+
+A file describes the whole mesh (hosts, container groups, agents, stores, security) and,
+optionally, which host it runs as (`host:`). `extends: other.yaml` merges another file
+underneath, so mainpc.yaml and pc2.yaml share one mesh description. Strings may use
+`${VAR}` or `${VAR:-default}` to take values (host addresses, say) from the environment.
+
+Every problem is reported with the file, the field path and what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from mesh.kinds import UnknownKind, target_of
+from network.codec import DEFAULT_MAX_FRAME_BYTES
+from network.security import secret_path
+
+NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+TWIN_KIND = "digital_twin"
+MAX_CONFIG_BYTES = 1 << 20      # a mesh config is a few kB; PyYAML reads about 100 kB/s, so this bounds a load
+MAX_CONFIG_VALUES = 200_000     # values after YAML aliases are expanded (an alias bomb grows exponentially)
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each with its field path and a fix."""
+
+    def __init__(self, file: str | Path, problems: list[tuple[str, str, str]]):
+        self.file = str(file)
+        self.problems = problems
+        lines = [f"{self.file}: {len(problems)} problem(s)"] if len(problems) > 1 else []
+        for path, message, fix in problems:
+            lines.append(f"{self.file}: {path or '<top>'}: {message}" + (f"\n    fix: {fix}" if fix else ""))
+        super().__init__("\n".join(lines))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MeshSettings(_Model):
+    name: str = Field("mesh", description="Name shown by meshctl status and in start-up lines")
+    port_offset: int = Field(0, ge=0, le=50000, description="Added to every port, so two meshes can share a host")
+    base_port: int = Field(7100, ge=1024, le=65000, description="First port handed out to agents without explicit endpoints")
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
+    dead_after_missed: int = Field(3, ge=1, le=100, description="Missed heartbeats before the twin marks an agent dead")
+    max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024, le=256 << 20)
+    request_timeout_s: float = Field(2.0, gt=0, le=300)
+    request_retries: int = Field(2, ge=0, le=20)
+    drain_timeout_s: float = Field(10.0, gt=0, le=600)
+    data_dir: Path = Field(Path("data"), description="Logs, stores and checkpoints (relative to the working directory)")
+
+
+class Host(_Model):
+    address: str = Field(..., description="Address peers use to reach this host")
+    bind: str | None = Field(None, description="Address to bind on (default: the address); 0.0.0.0 inside containers")
+
+    @property
+    def bind_address(self) -> str:
+        return self.bind or self.address
+
+
+class Group(_Model):
+    host: str
+    agents: list[str]
+    gpu: bool = False
+
+
+class Endpoints(_Model):
+    rpc: int | None = Field(None, ge=1, le=65535)
+    pub: int | None = Field(None, ge=1, le=65535)
+    metrics: int | None = Field(None, ge=1, le=65535)
+
+
+class AgentSpec(_Model):
+    kind: str
+    depends_on: list[str] = Field(default_factory=list)
+    required: bool = Field(True, description="false: never blocks others' start-up; its failure degrades the mesh")
+    endpoints: Endpoints = Field(default_factory=Endpoints)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class Security(_Model):
+    curve: Literal["auto", "on", "off"] = Field("auto", description="auto: CURVE on TCP when keys_dir holds this host's secret key")
+    keys_dir: Path = Path("keys")
+
+    @field_validator("curve", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off`/`on` as a boolean
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+
+
+class Stores(_Model):
+    """Where the pipeline keeps its state. Relative SQLite paths and raw_dir are under mesh.data_dir."""
+
+    documents: str = Field("sqlite:///documents.db", description="document store: sqlite:///PATH or postgresql://...")
+    frontier: str = Field("sqlite:///frontier.db", description="crawl frontier: sqlite:///PATH or redis://HOST:PORT/DB")
+    frontier_prefix: str = Field("frontier", description="Redis key prefix, so two crawls can share a database")
+    raw_dir: Path = Field(Path("raw"), description="content-addressed fetched bodies and their fetch records")
+    cache: str | None = Field(None, description="the curiosity agent's hot cache: redis://HOST:PORT/DB; none: in its "
+                              "process (its own cache_url setting, when given, wins)")
+
+    @field_validator("documents")
+    @classmethod
+    def _documents_scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return v
+
+    @field_validator("frontier")
+    @classmethod
+    def _frontier_scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "redis://", "rediss://")):
+            raise ValueError("must start with sqlite:/// or redis://")
+        return v
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis:// (or be left out for the in-process cache)")
+        return v
+
+
+class MeshConfig(_Model):
+    host: str | None = Field(None, description="The host this file runs as; may be left out when there is one host")
+    mesh: MeshSettings = Field(default_factory=MeshSettings)
+    hosts: dict[str, Host]
+    groups: dict[str, Group]
+    agents: dict[str, AgentSpec]
+    security: Security = Field(default_factory=Security)
+    stores: Stores = Field(default_factory=Stores)
+
+    _source: str = PrivateAttr("<memory>")
+    _group_of: dict[str, str] = PrivateAttr(default_factory=dict)
+    _targets: dict[str, str | None] = PrivateAttr(default_factory=dict)   # agent -> its kind's module:Class
+
+    @property
+    def source(self) -> str:
+        """Where this config was read from."""
+        return self._source
+
+    # --- derived views (computed once in finish()) ---
+
+    def finish(self) -> MeshConfig:
+        """Assigns ports to agents that declared none and checks what a schema cannot."""
+        problems = _check(self)
+        if problems:
+            raise ConfigError(self.source, problems)
+        self._group_of = {a: g for g, grp in self.groups.items() for a in grp.agents}
+        self._targets = {a: _target_or_none(spec.kind) for a, spec in self.agents.items()}
+        return self
+
+    @property
+    def this_host(self) -> str:
+        if self.host:
+            return self.host
+        if len(self.hosts) == 1:
+            return next(iter(self.hosts))
+        raise ConfigError(self.source, [("host", "this file declares several hosts but not which one it runs as",
+                                         "add `host: NAME` or pass --host NAME")])
+
+    def group_of(self, agent: str) -> str:
+        return self._group_of[agent]
+
+    def host_of(self, agent: str) -> str:
+        return self.groups[self._group_of[agent]].host
+
+    def agents_on(self, host: str) -> list[str]:
+        return [a for a in self.agents if self.host_of(a) == host]
+
+    @property
+    def twin(self) -> str:
+        return self.agent_of_kind(TWIN_KIND)
+
+    def agents_of_kind(self, kind: str) -> list[str]:
+        """The agents of `kind`, however each is named in the file (built-in name, plug-in name or dotted path)."""
+        try:
+            want = target_of(kind)
+        except UnknownKind:
+            return []
+        return [a for a, target in self._targets.items() if target == want]
+
+    def agent_of_kind(self, kind: str) -> str | None:
+        """The agent of `kind` (the first one declared, when there are several), or None."""
+        return next(iter(self.agents_of_kind(kind)), None)
+
+    def is_kind(self, agent: str, kind: str) -> bool:
+        return agent in self.agents_of_kind(kind)
+
+    def settings_of(self, agent: str, model: type[BaseModel]) -> Any:
+        """`agents.<agent>.settings` validated by `model`; settings that name another agent (`AgentRef`) are
+        checked against this config. ConfigError with each problem's path."""
+        try:
+            return model.model_validate(self.agents[agent].settings, context={"config": self, "agent": agent})
+        except ValidationError as exc:
+            raise ConfigError(self.source, [(f"agents.{agent}.settings.{p}", m, f)
+                                            for p, m, f in _pydantic_problems(exc)]) from None
+
+    def port(self, agent: str, which: Literal["rpc", "pub", "metrics"]) -> int:
+        return getattr(self.agents[agent].endpoints, which) + self.mesh.port_offset
+
+    def endpoint(self, agent: str, which: Literal["rpc", "pub"] = "rpc") -> str:
+        return f"tcp://{self.hosts[self.host_of(agent)].address}:{self.port(agent, which)}"
+
+    def bind_endpoint(self, agent: str, which: Literal["rpc", "pub"] = "rpc") -> str:
+        return f"tcp://{self.hosts[self.host_of(agent)].bind_address}:{self.port(agent, which)}"
+
+    def curve_enabled(self, host: str) -> bool:
+        if self.security.curve == "off":
+            return False
+        if self.security.curve == "on":
+            return True
+        return secret_path(self.security.keys_dir, host).exists()
+
+    def store_url(self, which: Literal["documents", "frontier"]) -> str:
+        """The store's URL with a relative SQLite path placed under mesh.data_dir."""
+        url = getattr(self.stores, which)
+        if url.startswith("sqlite:///"):
+            path = Path(url[len("sqlite:///"):])
+            if not path.is_absolute():
+                return f"sqlite:///{self.mesh.data_dir / path}"
+        return url
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.stores.raw_dir if self.stores.raw_dir.is_absolute() else self.mesh.data_dir / self.stores.raw_dir
+
+    def start_order(self) -> list[list[str]]:
+        """Agents in dependency levels: each level depends only on earlier ones."""
+        return _levels(self.agents)
+
+
+def _target_or_none(kind: str) -> str | None:
+    try:
+        return target_of(kind)
+    except UnknownKind:
+        return None
+
+
+def _agent_ref(kind: str | None, auto: bool):
+    def check(value: str | None, info: ValidationInfo) -> str | None:
+        config = (info.context or {}).get("config")
+        if config is None or value is None or (auto and value == "auto"):
+            return value
+        if value not in config.agents:
+            of = config.agents_of_kind(kind) if kind else sorted(config.agents)
+            raise PydanticCustomError("agent_ref", "no agent named {name!r}", {
+                "name": value, "fix": f"name one of {of}" if of else f"add an agent of kind {kind}"})
+        if kind is not None and not config.is_kind(value, kind):
+            raise PydanticCustomError("agent_ref", "{name!r} is a {actual} agent, not a {kind}", {
+                "name": value, "actual": config.agents[value].kind, "kind": kind,
+                "fix": f"name one of {config.agents_of_kind(kind)}"})
+        return value
+    return AfterValidator(check)
+
+
+def AgentRef(kind: str | None = None, *, auto: bool = False) -> Any:
+    """The type of a setting that names another agent of the mesh (of `kind`, when given), checked against the
+    config when the agent's settings are validated (`MeshConfig.settings_of`). `auto`: the word "auto" is
+    allowed too (the agent then asks `agent_of_kind`)."""
+    return Annotated[str, _agent_ref(kind, auto)]
+
+
+def _levels(agents: dict[str, AgentSpec]) -> list[list[str]]:
+    remaining = {a: set(spec.depends_on) for a, spec in agents.items()}
+    done: set[str] = set()
+    levels: list[list[str]] = []
+    while remaining:
+        level = [a for a, deps in remaining.items() if deps <= done]
+        if not level:
+            break  # a cycle; _check reports it
+        levels.append(level)
+        done.update(level)
+        for a in level:
+            del remaining[a]
+    return levels
+
+
+def _find_cycle(agents: dict[str, AgentSpec]) -> list[str] | None:
+    color: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(a: str) -> list[str] | None:
+        color[a] = 1
+        stack.append(a)
+        for d in agents[a].depends_on:
+            if d not in agents:
+                continue
+            if color.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in color:
+                found = visit(d)
+                if found:
+                    return found
+        stack.pop()
+        color[a] = 2
+        return None
+
+    for a in agents:
+        if a not in color:
+            found = visit(a)
+            if found:
+                return found
+    return None
+
+
+def _check(cfg: MeshConfig) -> list[tuple[str, str, str]]:
+    problems: list[tuple[str, str, str]] = []
+    name_re = re.compile(NAME)
+    for section in ("hosts", "groups", "agents"):
+        for name in getattr(cfg, section):
+            if not name_re.match(name):
+                problems.append((f"{section}.{name}", f"name {name!r} is not allowed",
+                                 "use lower-case letters, digits, '-' and '_', starting with a letter"))
+    if cfg.host is not None and cfg.host not in cfg.hosts:
+        problems.append(("host", f"host {cfg.host!r} is not declared under hosts:",
+                         f"use one of {sorted(cfg.hosts)} or declare it"))
+
+    placed: dict[str, str] = {}
+    for gname, group in cfg.groups.items():
+        if group.host not in cfg.hosts:
+            problems.append((f"groups.{gname}.host", f"host {group.host!r} is not declared",
+                             f"declare it under hosts: or use one of {sorted(cfg.hosts)}"))
+        for i, agent in enumerate(group.agents):
+            if agent not in cfg.agents:
+                problems.append((f"groups.{gname}.agents[{i}]", f"agent {agent!r} is not declared",
+                                 "declare it under agents: or remove it from the group"))
+            elif agent in placed:
+                problems.append((f"groups.{gname}.agents[{i}]", f"agent {agent!r} is already in group {placed[agent]!r}",
+                                 "an agent runs in exactly one group; remove one of the two"))
+            else:
+                placed[agent] = gname
+    for agent in cfg.agents:
+        if agent not in placed:
+            problems.append((f"agents.{agent}", f"agent {agent!r} is in no group, so it has no host",
+                             "list it under the agents: of one group"))
+
+    for agent, spec in cfg.agents.items():
+        for i, dep in enumerate(spec.depends_on):
+            if dep not in cfg.agents:
+                known = ", ".join(sorted(cfg.agents))
+                problems.append((f"agents.{agent}.depends_on[{i}]", f"unknown agent {dep!r}",
+                                 f"declare it or remove it from depends_on (declared: {known})"))
+            elif dep == agent:
+                problems.append((f"agents.{agent}.depends_on[{i}]", "an agent cannot depend on itself",
+                                 "remove it from depends_on"))
+    cycle = _find_cycle(cfg.agents)
+    if cycle and len(cycle) > 2:
+        problems.append((f"agents.{cycle[0]}.depends_on", "dependency cycle: " + " -> ".join(cycle),
+                         "remove one of these dependencies; start-up order must be a tree"))
+
+    twins = [a for a, s in cfg.agents.items() if _target_or_none(s.kind) == target_of(TWIN_KIND)]
+    if len(twins) != 1:
+        problems.append(("agents", f"expected exactly one agent of kind {TWIN_KIND!r}, found {len(twins)}",
+                         "declare one digital twin; every other agent registers with it"))
+    elif cfg.agents[twins[0]].depends_on:
+        problems.append((f"agents.{twins[0]}.depends_on", "the digital twin cannot depend on other agents",
+                         "remove its depends_on; it gates everyone else"))
+
+    if not problems:
+        _assign_ports(cfg, problems)
+    return problems
+
+
+def _assign_ports(cfg: MeshConfig, problems: list[tuple[str, str, str]]) -> None:
+    taken: dict[tuple[str, int], str] = {}
+    host_of = {a: cfg.groups[g].host for g, grp in cfg.groups.items() for a in grp.agents}
+    for agent, spec in cfg.agents.items():
+        for which in ("rpc", "pub", "metrics"):
+            port = getattr(spec.endpoints, which)
+            if port is not None:
+                key = (host_of[agent], port)
+                if key in taken:
+                    problems.append((f"agents.{agent}.endpoints.{which}",
+                                     f"port {port} on host {key[0]!r} is already used by {taken[key]}",
+                                     "give each endpoint on a host its own port"))
+                taken[key] = f"{agent}.{which}"
+    next_port = {h: cfg.mesh.base_port for h in cfg.hosts}
+    for agent, spec in cfg.agents.items():
+        host = host_of[agent]
+        for which in ("rpc", "pub", "metrics"):
+            if getattr(spec.endpoints, which) is None:
+                while (host, next_port[host]) in taken:
+                    next_port[host] += 1
+                if next_port[host] > 65535:
+                    problems.append((f"agents.{agent}.endpoints", "ran out of ports", "lower mesh.base_port"))
+                    return
+                taken[(host, next_port[host])] = f"{agent}.{which}"
+                setattr(spec.endpoints, which, next_port[host])
+    top = max(p for _, p in taken) if taken else 0
+    if top + cfg.mesh.port_offset > 65535:
+        problems.append(("mesh.port_offset", f"offset {cfg.mesh.port_offset} pushes port {top} past 65535",
+                         "use a smaller port_offset"))
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _TooManyValues(Exception):
+    pass
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list, budget: list[int] | None = None) -> Any:
+    budget = [MAX_CONFIG_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooManyValues
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if env.get(var) or (var in env and default is None):
+                return env[var]
+            if default is not None:
+                return default
+            problems.append((path, f"environment variable {var} is not set", f"export {var}=... or write ${{{var}:-default}}"))
+            return ""
+        out = _ENV.sub(sub, value)
+        if "${" in _ENV.sub("", value):
+            problems.append((path, f"{value!r} has a `${{` that is not a complete ${{VAR}} or ${{VAR:-default}}",
+                             "close it with `}`; a variable name is letters, digits and _"))
+        return out
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems, budget) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{path}[{i}]", problems, budget) for i, v in enumerate(value)]
+    return value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently: a second `agents:` would drop every agent of the first)."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)   # checked as written, before `<<` merges are applied
+        first: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in first:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r} (first on line "
+                                                        f"{first[key] + 1})", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return node
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path in seen:
+        raise ConfigError(path, [("extends", "files extend each other in a loop: " + " -> ".join(map(str, seen + (path,))), "break the loop")])
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(path, [("", "file not found", "check the path, or pass --config")]) from None
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc.strerror}", "check the file's permissions")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, [("", f"file is larger than {MAX_CONFIG_BYTES} bytes: not a mesh config",
+                                  "check the path; a mesh config is a few kB")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(path, [(f"line {line}, column {column}",
+                                  f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded",
+                                  "save the file as UTF-8 (is it a config file at all?)")]) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, yaml.reader.ReaderError):
+            line = text.count("\n", 0, exc.position) + 1
+            where = f"line {line}, column {exc.position - (text.rfind(chr(10), 0, exc.position) + 1) + 1}"
+            if isinstance(exc.character, int):
+                problem = f"character {exc.character:#06x} is not allowed in YAML"
+        raise ConfigError(path, [(where, f"not valid YAML: {problem}", "fix the syntax at that position")]) from None
+    except RecursionError:
+        raise ConfigError(path, [("", "not valid YAML: nested too deeply to read", "a mesh config nests a few levels; "
+                                  "check the file")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, [("", f"expected a mapping at the top, found {type(data).__name__}", "start with `hosts:`, `groups:`, `agents:`")])
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(path, [("extends", "must be a file name", "write extends: mesh.yaml")])
+        data = _merge(_read_yaml((path.parent / parent).resolve(), seen + (path,)), data)
+    return data
+
+
+def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str, str]]:
+    problems = []
+    for err in exc.errors():
+        path = ""
+        for part in err["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        kind = err["type"]
+        if "fix" in err.get("ctx", {}):
+            fix = err["ctx"]["fix"]
+        elif kind == "extra_forbidden":
+            fix = "remove it, or check its spelling against docs/OPERATIONS.md"
+        elif kind == "missing":
+            fix = "add this field"
+        else:
+            given = err.get("input")
+            if isinstance(given, (dict, list)):
+                fix = f"got a {'mapping' if isinstance(given, dict) else 'list'}"
+            else:
+                fix = f"got {given!r}"
+        problems.append((path, err["msg"], fix))
+    return problems
+
+
+def parse_config(data: dict, source: str = "<memory>", *, host: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> MeshConfig:
+    """`environ` (default: this process's environment) fills the `${VAR}`s."""
+    problems: list = []
+    try:
+        data = _interpolate(data, os.environ if environ is None else environ, "", problems)
+    except _TooManyValues:
+        raise ConfigError(source, [("", f"the file expands to more than {MAX_CONFIG_VALUES} values (YAML aliases "
+                                    "repeating large nodes?)", "write the config out; a mesh config has a few hundred "
+                                    "values")]) from None
+    except RecursionError:
+        raise ConfigError(source, [("", "nested too deeply", "a mesh config nests a few levels")]) from None
+    if problems:
+        raise ConfigError(source, problems)
+    if host is not None:
+        data["host"] = host
+    try:
+        cfg = MeshConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _pydantic_problems(exc)) from None
+    cfg._source = source
+    return cfg.finish()
+
+
+def load_config(path: str | Path, *, host: str | None = None, environ: Mapping[str, str] | None = None) -> MeshConfig:
+    path = Path(path)
+    return parse_config(_read_yaml(path.resolve()), str(path), host=host, environ=environ)

@@ -1,0 +1,648 @@
+"""Podman deployment, driven by podman_build.sh: one container per container group.
+
+    python -m ops.deploy base [--tag IMAGE]
+    python -m ops.deploy build [--offline] [--base IMAGE] [GROUP...]
+    python -m ops.deploy deploy HOST [--no-gpu] [--timeout S]
+    python -m ops.deploy down HOST [--volumes]
+    python -m ops.deploy status HOST
+    python -m ops.deploy logs [-f] NAME...
+    python -m ops.deploy kube HOST [--no-gpu]
+    python -m ops.deploy monitoring HOST [--port 9090] [--grafana] [--down]
+
+Exit status: 0 done, 1 `status` found a group not running, 2 something the operator has to fix
+(`error: ...` on stderr says what) or bad arguments.
+
+Every group runs the one image with `meshctl up --host HOST --only <its agents>` on the host's
+network, with its data on the named volume `mesh-HOST-data` and the keys directory mounted
+read-only. Groups start in dependency order, each only after the twin reports its agents ready
+(or waiting only on groups not started yet). A container is replaced only when its image, the
+config or its options changed, so running deploy again is safe.
+
+Podman options a host needs come from the environment: MESH_PODMAN_OPTS (global options, e.g.
+`--runtime runc`) and MESH_PODMAN_RUN_OPTS (added to every `podman run`, e.g.
+`--ulimit nofile=1024:1024 --ulimit nproc=1024:1024`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from mesh.config import ConfigError, MeshConfig, load_config
+from mesh.control import fetch_status
+from mesh.runtime import check_kinds
+from network.rpc import MeshError
+from ops.monitoring import SHIPPED_DASHBOARD, SHIPPED_RULES, render
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = os.environ.get("MESH_IMAGE", "localhost/agent-mesh:latest")
+DEFAULT_BASE = "docker.io/library/python:3.11-slim"
+CDI_SPECS = ("/etc/cdi/nvidia.yaml", "/etc/cdi/nvidia.json", "/var/run/cdi/nvidia.yaml", "/var/run/cdi/nvidia.json")
+READY = ("ready", "degraded")
+
+
+class DeployError(Exception):
+    """Something the operator has to fix; the message says what."""
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def podman(*args: str, check: bool = True, capture: bool = True, timeout: float | None = 600) -> subprocess.CompletedProcess:
+    if shutil.which("podman") is None:
+        raise DeployError("podman is not installed: apt-get install -y podman")
+    cmd = ["podman", *shlex.split(os.environ.get("MESH_PODMAN_OPTS", "")), *args]
+    r = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise DeployError(f"{' '.join(cmd[:4])}... failed: {(r.stderr or '').strip()[-800:]}")
+    return r
+
+
+# --- build ---------------------------------------------------------------------------------------
+
+OLDER_PYTHON_EXTRAS = ["async-timeout>=4.0.3"]
+
+def build(*, offline: bool, base: str) -> None:
+    """Builds IMAGE from containers/Containerfile with a wheelhouse made here."""
+    with tempfile.TemporaryDirectory(prefix="mesh-build-") as tmp:
+        ctx = Path(tmp)
+        wheels = ctx / "wheels"
+        pip = [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels)]
+        say(f"wheelhouse: {'the project and every dependency' if offline else 'the project'} -> {wheels}")
+        r = subprocess.run([*pip, *([] if offline else ["--no-deps"]), str(ROOT)], capture_output=True, text=True)
+        if r.returncode == 0 and offline:
+            # Markers are evaluated for this machine's Python; the image's may be an older patch release
+            # (Debian 12: 3.11.2) that needs more (redis wants async-timeout before 3.11.3).
+            r = subprocess.run([*pip, *OLDER_PYTHON_EXTRAS], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DeployError(f"pip wheel failed: {r.stderr.strip()[-800:]}")
+        shutil.copytree(ROOT / "config", ctx / "config")
+        shutil.copy2(ROOT / "test_pc2_connectivity.py", ctx / "test_pc2_connectivity.py")
+        say(f"building {IMAGE} from {base}")
+        r = podman("build", "--format", "docker", "--file", str(ROOT / "containers" / "Containerfile"),
+                   "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"PIP_OPTS={'--no-index' if offline else ''}",
+                   "--tag", IMAGE, str(ctx), capture=False, check=False, timeout=1800)
+        if r.returncode != 0:
+            hint = "" if offline else " (no package index reachable from the build? try --offline)"
+            raise DeployError(f"podman build failed{hint}")
+    say(f"built {IMAGE}")
+
+
+def base_image(tag: str) -> None:
+    """Makes a Debian base image with Python 3.11 by debootstrap, for hosts that reach no image
+    registry (the Debian mirror is taken from this machine's apt sources)."""
+    if shutil.which("debootstrap") is None:
+        raise DeployError("debootstrap is not installed: apt-get install -y debootstrap")
+    mirror = "http://deb.debian.org/debian"
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        found = re.search(r"^URIs:\s*(\S+)", sources.read_text(), re.M)
+        mirror = found.group(1) if found else mirror
+    with tempfile.TemporaryDirectory(prefix="mesh-rootfs-") as rootfs:
+        say(f"debootstrap bookworm from {mirror} (about a minute)")
+        r = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                            "bookworm", rootfs, mirror], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DeployError(f"debootstrap failed: {r.stderr.strip()[-800:]}")
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        imp = subprocess.run(["podman", *shlex.split(os.environ.get("MESH_PODMAN_OPTS", "")), "import", "-", tag],
+                             stdin=tar.stdout, capture_output=True, text=True)
+        tar.wait()
+        if imp.returncode != 0:
+            raise DeployError(f"podman import failed: {imp.stderr.strip()[-800:]}")
+    say(f"base image {tag} ready: build with `podman_build.sh build --offline --base {tag}`")
+
+
+# --- deploy --------------------------------------------------------------------------------------
+
+def _config(host: str) -> MeshConfig:
+    path = ROOT / "config" / f"{host}.yaml"
+    if not path.exists():
+        known = ", ".join(p.stem for p in sorted((ROOT / "config").glob("*.yaml")))
+        raise DeployError(f"no config/{host}.yaml (hosts with a config: {known})")
+    cfg = load_config(path, host=None)
+    if cfg.host is None and len(cfg.hosts) == 1:
+        cfg = load_config(path, host=next(iter(cfg.hosts)))
+    check_kinds(cfg)
+    return cfg
+
+
+def group_order(cfg: MeshConfig, host: str) -> list[str]:
+    """This host's non-empty groups, by the earliest start level of their agents."""
+    level = {a: i for i, names in enumerate(cfg.start_order()) for a in names}
+    groups = [g for g, grp in cfg.groups.items() if grp.host == host and grp.agents]
+    return sorted(groups, key=lambda g: (min(level[a] for a in cfg.groups[g].agents), g))
+
+
+def _groups_in(path: Path) -> set[str]:
+    try:
+        return set(load_config(path, host=None).groups)
+    except ConfigError:
+        return set()
+
+
+def container_name(host: str, group: str) -> str:
+    return f"mesh-{host}-{group}"
+
+
+def _config_env() -> dict[str, str]:
+    """Environment variables the config files refer to (${VAR}) that are set here."""
+    names: set[str] = set()
+    for path in (ROOT / "config").glob("*.yaml"):
+        names |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", path.read_text()))
+    names -= {"MESH_DATA_DIR", "MESH_KEYS_DIR"}  # fixed inside the image
+    return {n: os.environ[n] for n in sorted(names) if n in os.environ}
+
+
+def _existing(name: str) -> dict | None:
+    r = podman("container", "inspect", name, check=False)
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout)[0]
+
+
+def _gpu_args(cfg: MeshConfig, group: str, no_gpu: bool) -> list[str]:
+    if not cfg.groups[group].gpu or no_gpu:
+        return []
+    if not any(Path(p).exists() for p in CDI_SPECS):
+        raise DeployError(f"group {group} wants the GPU but there is no NVIDIA CDI spec ({CDI_SPECS[0]}): "
+                          "generate it with `sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`, "
+                          "or deploy on the CPU with --no-gpu")
+    return ["--device", "nvidia.com/gpu=all"]
+
+
+@dataclass
+class GroupSpec:
+    """What one group's container is: the same for `podman run` (deploy) and a Pod (kube)."""
+
+    host: str
+    group: str
+    agents: list[str]
+    env: dict[str, str]
+    command: list[str]
+    keys: Path | None
+    gpu: bool
+
+    @property
+    def name(self) -> str:
+        return container_name(self.host, self.group)
+
+    @property
+    def volume(self) -> str:
+        return f"mesh-{self.host}-data"
+
+
+def group_specs(cfg: MeshConfig, host: str, *, no_gpu: bool) -> list[GroupSpec]:
+    keys = Path(cfg.security.keys_dir).resolve()
+    specs = []
+    for group in group_order(cfg, host):
+        agents = cfg.groups[group].agents
+        env = {"MESH_CONFIG": f"config/{host}.yaml", "MESH_AGENTS": " ".join(agents),
+               "MESH_LOG_STDERR": "1",   # agents' JSON lines in `podman logs` too, not only in /data/logs
+               **_config_env()}
+        command = ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
+        specs.append(GroupSpec(host=host, group=group, agents=agents, env=env, command=command,
+                               keys=keys if keys.exists() else None, gpu=bool(_gpu_args(cfg, group, no_gpu))))
+    return specs
+
+
+def deploy(host: str, *, no_gpu: bool = False, timeout: float = 120.0) -> None:
+    cfg = _config(host)
+    image = podman("image", "inspect", IMAGE, "--format", "{{.Id}}", check=False)
+    if image.returncode != 0:
+        raise DeployError(f"image {IMAGE} not found: run `podman_build.sh build` first")
+    image_id = image.stdout.strip()
+    run_opts = shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))
+    specs = group_specs(cfg, host, no_gpu=no_gpu)
+    say(f"deploying host {host}: groups {', '.join(s.group for s in specs)} (image {image_id[:12]})")
+    started: set[str] = set()
+    for spec in specs:
+        args = ["--network", "host", "--restart", "always", "--stop-timeout", str(int(cfg.mesh.drain_timeout_s) + 5),
+                "--label", f"mesh.host={host}", "--label", f"mesh.group={spec.group}",
+                "--label", f"mesh.agents={' '.join(spec.agents)}", "--volume", f"{spec.volume}:/data:U",
+                *[f"--env={k}={v}" for k, v in spec.env.items()],
+                *(["--volume", f"{spec.keys}:/keys:ro"] if spec.keys else []),
+                *(["--device", "nvidia.com/gpu=all"] if spec.gpu else []), *run_opts]
+        digest = hashlib.sha256(json.dumps([image_id, cfg.model_dump(mode="json"), args, spec.command]).encode()
+                                ).hexdigest()[:16]
+        current = _existing(spec.name)
+        if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
+            say(f"  {spec.group}: unchanged, {spec.name} keeps running")
+        else:
+            if current:
+                say(f"  {spec.group}: changed, replacing {spec.name}")
+                podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), spec.name)
+            podman("run", "--detach", "--name", spec.name, "--label", f"mesh.hash={digest}", *args, IMAGE, *spec.command)
+            say(f"  {spec.group}: started {spec.name} ({', '.join(spec.agents)})")
+        started |= set(spec.agents)
+        _wait_group(cfg, spec.group, started, timeout)
+    say(f"host {host} deployed: {len(specs)} group(s) up")
+
+
+def kube(host: str, *, no_gpu: bool = False) -> str:
+    """Kubernetes YAML (one Pod per group, host network, the data volume as a claim) that
+    `podman kube play` deploys, and a cluster can take later."""
+    cfg = _config(host)
+    docs = []
+    for spec in group_specs(cfg, host, no_gpu=no_gpu):
+        container = {
+            "name": spec.group, "image": IMAGE, "args": spec.command,
+            "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
+        }
+        volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": spec.volume}}]
+        if spec.keys:
+            container["volumeMounts"].append({"name": "keys", "mountPath": "/keys", "readOnly": True})
+            volumes.append({"name": "keys", "hostPath": {"path": str(spec.keys), "type": "Directory"}})
+        if spec.gpu:
+            container["resources"] = {"limits": {"nvidia.com/gpu": 1}}
+        docs.append({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": spec.name, "labels": {"app": "agent-mesh", "mesh-host": host, "mesh-group": spec.group}},
+            "spec": {"hostNetwork": True, "restartPolicy": "Always", "containers": [container], "volumes": volumes},
+        })
+    header = (f"# Kubernetes YAML for host {host}, made by `podman_build.sh kube {host}`.\n"
+              f"# Deploy: podman kube play FILE; remove: podman kube down FILE.\n")
+    return header + yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _wait_group(cfg: MeshConfig, group: str, started: set[str], timeout: float) -> None:
+    """Until the twin reports the group's agents ready, or waiting only on agents not started yet."""
+    agents = cfg.groups[group].agents
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            status = {a.agent: a for a in fetch_status(cfg, timeout=1.0).agents}
+            pending = [a for a in agents if status[a].state not in READY
+                       and not (status[a].state == "waiting" and set(status[a].waiting_on) - started)]
+            waiting_for = "; ".join(f"{a} {status[a].state}" + (f" on {', '.join(status[a].waiting_on)}"
+                                                                   if status[a].waiting_on else "") for a in pending)
+        except MeshError as exc:
+            pending, waiting_for = agents, f"the twin ({cfg.twin} at {cfg.endpoint(cfg.twin)}) does not answer: {exc.message}"
+        if not pending:
+            say(f"  {group}: ready")
+            return
+        if waiting_for != last:
+            say(f"  {group}: waiting: {waiting_for}")
+            last = waiting_for
+        if time.monotonic() > deadline:
+            raise DeployError(f"group {group} not ready after {timeout:.0f}s: {waiting_for}. "
+                              f"See `podman_build.sh logs {group}`")
+        time.sleep(0.5)
+
+
+# --- down, status, logs --------------------------------------------------------------------------
+
+def _containers(host: str | None = None) -> list[dict]:
+    filters = ["--filter", f"label=mesh.host={host}"] if host else ["--filter", "label=mesh.group"]
+    r = podman("ps", "--all", "--format", "json", *filters)
+    return json.loads(r.stdout or "[]")
+
+
+def down(host: str, *, volumes: bool = False) -> None:
+    cfg = _config(host)
+    names = [container_name(host, g) for g in reversed(group_order(cfg, host))]
+    present = {n for c in _containers(host) for n in c["Names"]}
+    for name in [n for n in names if n in present] + sorted(present - set(names)):
+        say(f"stopping {name}")
+        podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), name)
+    if volumes:
+        podman("volume", "rm", "--force", f"mesh-{host}-data", check=False)
+        say(f"removed volume mesh-{host}-data")
+    say(f"host {host} is down" + ("" if volumes else f" (data kept in volume mesh-{host}-data)"))
+
+
+def status(host: str) -> int:
+    cfg = _config(host)
+    by_name = {c["Names"][0]: c for c in _containers(host)}
+    table = Table(title=f"host {host}", title_justify="left")
+    for col in ("group", "container", "state", "health", "agents", "ports (rpc)"):
+        table.add_column(col)
+    ok = True
+    for group in group_order(cfg, host):
+        name = container_name(host, group)
+        c = by_name.get(name)
+        state = c["State"] if c else "absent"
+        health = "-"
+        if c:
+            h = podman("inspect", name, "--format", "{{.State.Health.Status}}", check=False).stdout.strip()
+            health = h or "-"
+        ok &= state == "running"
+        agents = cfg.groups[group].agents
+        table.add_row(group, name, state, health, ", ".join(agents), ", ".join(str(cfg.port(a, "rpc")) for a in agents))
+    Console().print(table)
+    return 0 if ok else 1
+
+
+def logs(names: list[str], *, follow: bool, host: str | None = None) -> None:
+    """Agents' logs from inside their containers (meshctl logs), several containers at once."""
+    targets: dict[str, list[str]] = {}
+    containers = _containers(host)
+    for wanted in names:
+        found = False
+        for c in containers:
+            labels = c.get("Labels") or {}
+            agents = labels.get("mesh.agents", "").split()
+            if wanted in (labels.get("mesh.group"), c["Names"][0]) or wanted in agents:
+                chosen = agents if wanted not in agents else [wanted]
+                targets.setdefault(c["Names"][0], [])
+                targets[c["Names"][0]] += [a for a in chosen if a not in targets[c["Names"][0]]]
+                found = True
+        if not found:
+            raise DeployError(f"no deployed group, container or agent named {wanted!r}")
+    procs = []
+    for name, agents in targets.items():
+        cmd = ["podman", *shlex.split(os.environ.get("MESH_PODMAN_OPTS", "")), "exec", name, "meshctl", "logs",
+               *agents, "--config", _env_of(name, "MESH_CONFIG"), *(["--follow"] if follow else [])]
+        procs.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+
+    def pump(name: str, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            print(f"{name} | {line}", end="", flush=True)
+
+    threads = [threading.Thread(target=pump, args=p, daemon=True) for p in procs]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        for _, proc in procs:
+            proc.terminate()
+
+
+def _env_of(container: str, var: str) -> str:
+    env = json.loads(podman("inspect", container, "--format", "json").stdout)[0]["Config"]["Env"]
+    return next((e.split("=", 1)[1] for e in env if e.startswith(f"{var}=")), "config/local.yaml")
+
+
+# --- monitoring ----------------------------------------------------------------------------------
+
+MONITORING_IMAGE = os.environ.get("MESH_MONITORING_IMAGE", "localhost/mesh-prometheus:latest")
+GRAFANA_IMAGE = os.environ.get("MESH_GRAFANA_IMAGE", "docker.io/grafana/grafana:latest")
+MESH_BASE = "localhost/mesh-base:bookworm"
+
+
+def monitoring_name(host: str, what: str = "prometheus") -> str:
+    return f"mesh-{host}-{what}"
+
+
+def build_monitoring(base: str = MESH_BASE) -> None:
+    """Builds MONITORING_IMAGE: Debian's prometheus package on `base` (containers/monitoring/Containerfile)."""
+    if podman("image", "exists", base, check=False).returncode != 0:
+        raise DeployError(f"base image {base} not found: make it with `podman_build.sh base` (or pass --base IMAGE, "
+                          "a Debian image whose apt reaches a mirror)")
+    say(f"building {MONITORING_IMAGE} from {base} (apt-get install prometheus)")
+    r = podman("build", "--format", "docker", "--file", str(ROOT / "containers" / "monitoring" / "Containerfile"),
+               "--build-arg", f"BASE_IMAGE={base}", "--tag", MONITORING_IMAGE, str(ROOT / "containers" / "monitoring"),
+               capture=False, check=False, timeout=1800)
+    if r.returncode != 0:
+        raise DeployError("podman build of the Prometheus image failed (can the build reach the Debian mirror in "
+                          "the base image's /etc/apt/sources.list?)")
+    say(f"built {MONITORING_IMAGE}")
+
+
+def monitoring_files(host: str, out: Path) -> Path:
+    """Writes the scrape config of HOST's config (this environment's addresses) and the shipped rules.yml
+    into `out`, the folder mounted into the Prometheus container; returns the config's path."""
+    cfg = _config(host)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rules.yml").write_text(SHIPPED_RULES.read_text())
+    path = out / "prometheus.yml"
+    path.write_text(render(cfg, source=f"config/{host}.yaml"))
+    return path
+
+
+def _http_json(url: str, timeout: float = 2.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def monitoring(host: str, *, port: int = 9090, retention: str = "15d", base: str = MESH_BASE, rebuild: bool = False,
+               grafana: bool = False, grafana_port: int = 3000, timeout: float = 60.0) -> None:
+    """Runs Prometheus (container mesh-HOST-prometheus, host network, port `port`) scraping every agent of
+    the mesh, with the alert rules; with `grafana`, Grafana too when its image is present here."""
+    files = Path(os.environ.get("MESH_MONITORING_DIR") or ROOT / "data" / "monitoring").resolve() / host
+    config = monitoring_files(host, files)
+    if rebuild or podman("image", "exists", MONITORING_IMAGE, check=False).returncode != 0:
+        build_monitoring(base)
+    image_id = podman("image", "inspect", MONITORING_IMAGE, "--format", "{{.Id}}").stdout.strip()
+    name = monitoring_name(host)
+    args = ["--network", "host", "--restart", "always", "--label", f"mesh.host={host}",
+            "--label", "mesh.role=monitoring",
+            "--volume", f"{files}:/etc/mesh-prometheus:ro", "--volume", f"mesh-{host}-prometheus:/prometheus:U",
+            *shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))]
+    command = ["--config.file=/etc/mesh-prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus",
+               f"--storage.tsdb.retention.time={retention}", f"--web.listen-address=:{port}", "--web.enable-lifecycle"]
+    digest = hashlib.sha256(json.dumps([image_id, config.read_text(), (files / "rules.yml").read_text(), args,
+                                        command]).encode()).hexdigest()[:16]
+    current = _existing(name)
+    if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
+        say(f"monitoring: unchanged, {name} keeps running")
+    else:
+        if current:
+            say(f"monitoring: changed, replacing {name}")
+            podman("rm", "--force", "--time", "10", name)
+        podman("run", "--detach", "--name", name, "--label", f"mesh.hash={digest}", *args, MONITORING_IMAGE, *command)
+        say(f"monitoring: started {name} (config {config}, rules rules.yml beside it)")
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            targets = _http_json(f"{base_url}/api/v1/targets?state=active")["data"]["activeTargets"]
+            if targets and all(t["health"] != "unknown" for t in targets):
+                break
+        except OSError:
+            targets = []
+        if time.monotonic() > deadline:
+            raise DeployError(f"Prometheus in {name} is not answering at {base_url} after {timeout:.0f}s: "
+                              f"see `podman logs {name}`")
+        time.sleep(1.0)
+    up = [t for t in targets if t["health"] == "up"]
+    say(f"monitoring: Prometheus at {base_url}, {len(up)}/{len(targets)} target(s) up")
+    for t in targets:
+        if t["health"] != "up":
+            say(f"  down: {t['labels'].get('agent')} at {t['scrapeUrl']}: {t.get('lastError', '')}")
+    if grafana:
+        _grafana(host, files, prometheus_url=base_url, port=grafana_port)
+
+
+def _grafana(host: str, files: Path, *, prometheus_url: str, port: int) -> None:
+    """Grafana with the dashboard and a Prometheus data source provisioned, if its image is here."""
+    if podman("image", "exists", GRAFANA_IMAGE, check=False).returncode != 0:
+        say(f"grafana: skipped: image {GRAFANA_IMAGE} is not present on this machine (no registry pull here). "
+            f"Import {SHIPPED_DASHBOARD.relative_to(ROOT)} into your Grafana (docs/OPERATIONS.md, \"Monitoring\"), "
+            "or `podman load` the image and run this again (MESH_GRAFANA_IMAGE names another one)")
+        return
+    prov = files / "grafana"
+    (prov / "datasources").mkdir(parents=True, exist_ok=True)
+    (prov / "dashboards").mkdir(parents=True, exist_ok=True)
+    (prov / "datasources" / "mesh.yaml").write_text(json.dumps({"apiVersion": 1, "datasources": [{
+        "name": "Prometheus", "type": "prometheus", "uid": "mesh-prometheus", "access": "proxy",
+        "url": prometheus_url, "isDefault": True}]}, indent=2))
+    (prov / "dashboards" / "mesh.yaml").write_text(json.dumps({"apiVersion": 1, "providers": [{
+        "name": "agent-mesh", "type": "file", "options": {"path": "/etc/grafana/provisioning/dashboards"}}]}, indent=2))
+    shutil.copy2(SHIPPED_DASHBOARD, prov / "dashboards" / SHIPPED_DASHBOARD.name)
+    name = monitoring_name(host, "grafana")
+    if _existing(name):
+        podman("rm", "--force", "--time", "10", name)
+    podman("run", "--detach", "--name", name, "--network", "host", "--restart", "always",
+           "--label", f"mesh.host={host}", "--label", "mesh.role=monitoring", "--env", f"GF_SERVER_HTTP_PORT={port}",
+           "--volume", f"{prov}:/etc/grafana/provisioning:ro", "--volume", f"mesh-{host}-grafana:/var/lib/grafana:U",
+           *shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", "")), GRAFANA_IMAGE)
+    say(f"grafana: started {name} at http://127.0.0.1:{port} (dashboard \"Agent mesh\", admin/admin at first login)")
+
+
+def monitoring_down(host: str, *, volumes: bool = False) -> None:
+    for what in ("grafana", "prometheus"):
+        name = monitoring_name(host, what)
+        if _existing(name):
+            say(f"stopping {name}")
+            podman("rm", "--force", "--time", "10", name)
+        if volumes:
+            podman("volume", "rm", "--force", f"mesh-{host}-{what}", check=False)
+    say(f"monitoring of host {host} is down" + ("" if volumes else " (its data volumes kept)"))
+
+
+# --- command line --------------------------------------------------------------------------------
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Podman deployment of the mesh: one container per container group of a host.")
+HostArg = typer.Argument(..., metavar="HOST", help="the host to act on: its config is config/HOST.yaml "
+                                                   "(mainpc, pc2, local)")
+
+
+@contextmanager
+def operator_errors() -> Iterator[None]:
+    """Something the operator has to fix (DeployError, ConfigError): `error: ...` on stderr, exit status 2."""
+    try:
+        yield
+    except (DeployError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+@app.command("base")
+def base_cmd(tag: str = typer.Option(MESH_BASE, "--tag", help="name of the image to make")) -> None:
+    """make a local Debian base image with debootstrap (no registry needed)"""
+    with operator_errors():
+        base_image(tag)
+
+
+@app.command("build")
+def build_cmd(groups: Optional[list[str]] = typer.Argument(
+                  None, metavar="GROUP",
+                  help="groups to build for; one image serves every group, so this only checks the names"),
+              offline: bool = typer.Option(False, "--offline",
+                                           help="install every package from a wheelhouse made here"),
+              base: str = typer.Option(os.environ.get("MESH_BASE_IMAGE", DEFAULT_BASE), "--base",
+                                       help="base image")) -> None:
+    """build the image"""
+    with operator_errors():
+        known = {g for path in (ROOT / "config").glob("*.yaml") for g in _groups_in(path)}
+        unknown = sorted(set(groups or []) - known)
+        if unknown:
+            raise DeployError(f"unknown group(s) {', '.join(unknown)}; groups in config/: {', '.join(sorted(known))}")
+        build(offline=offline, base=base)
+
+
+@app.command("deploy")
+def deploy_cmd(host: str = HostArg,
+               no_gpu: bool = typer.Option(False, "--no-gpu", help="run GPU groups on the CPU"),
+               timeout: float = typer.Option(120.0, "--timeout", help="seconds to wait for each group")) -> None:
+    """start HOST's groups in dependency order"""
+    with operator_errors():
+        deploy(host, no_gpu=no_gpu, timeout=timeout)
+
+
+@app.command("down")
+def down_cmd(host: str = HostArg,
+             volumes: bool = typer.Option(False, "--volumes", help="remove the data volume too")) -> None:
+    """stop and remove HOST's containers"""
+    with operator_errors():
+        down(host, volumes=volumes)
+
+
+@app.command("kube")
+def kube_cmd(host: str = HostArg,
+             no_gpu: bool = typer.Option(False, "--no-gpu", help="leave out GPU requests")) -> None:
+    """Kubernetes YAML for HOST's groups (podman kube play FILE)"""
+    with operator_errors():
+        print(kube(host, no_gpu=no_gpu), end="")
+
+
+@app.command("status")
+def status_cmd(host: str = HostArg) -> None:
+    """groups, containers, health, ports"""
+    with operator_errors():
+        code = status(host)
+    raise typer.Exit(code)
+
+
+@app.command("logs")
+def logs_cmd(names: list[str] = typer.Argument(..., metavar="GROUP|AGENT",
+                                               help="deployed groups, containers or agents"),
+             follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines")) -> None:
+    """agents' logs, prefixed by container"""
+    with operator_errors():
+        logs(names, follow=follow)
+
+
+@app.command("monitoring")
+def monitoring_cmd(host: str = HostArg,
+                   port: int = typer.Option(9090, "--port", help="Prometheus port on the host network"),
+                   retention: str = typer.Option("15d", "--retention", help="how long Prometheus keeps samples"),
+                   base: str = typer.Option(MESH_BASE, "--base",
+                                            help="Debian base image for the Prometheus image"),
+                   rebuild: bool = typer.Option(False, "--rebuild",
+                                                help="build the Prometheus image even if it exists"),
+                   grafana: bool = typer.Option(False, "--grafana",
+                                                help="also run Grafana with the dashboard, if its image is here"),
+                   grafana_port: int = typer.Option(3000, "--grafana-port", help="Grafana port on the host network"),
+                   down_: bool = typer.Option(False, "--down",
+                                              help="stop and remove the monitoring containers instead"),
+                   volumes: bool = typer.Option(False, "--volumes",
+                                                help="with --down: remove their data volumes too")) -> None:
+    """Prometheus (and Grafana when its image is here) scraping every agent"""
+    with operator_errors():
+        if down_:
+            monitoring_down(host, volumes=volumes)
+        else:
+            monitoring(host, port=port, retention=retention, base=base, rebuild=rebuild, grafana=grafana,
+                       grafana_port=grafana_port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command (argv, default sys.argv[1:]); returns the exit status: 0 done, 1 `status` found a
+    group not running, 2 something the operator has to fix (the message says what) or bad arguments."""
+    try:
+        app(args=argv, prog_name="podman_build.sh")
+    except SystemExit as exc:  # typer (click) always ends by raising it, with the status
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Running the mesh: `up`, `status`, `plan`, `check`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import typer
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from mesh.config import ConfigError
+from mesh.control import client, fetch_status
+from mesh.messages import StatusRequest
+from mesh.runtime import check_kinds
+from mesh.supervisor import Supervisor
+from network.rpc import MeshError
+from network.security import MissingKey
+from ops.meshctl.common import ConfigOpt, HostOpt, JsonOpt, config_error, console, err, load
+
+STATE_STYLE = {"ready": "green", "degraded": "yellow", "waiting": "cyan", "starting": "cyan", "dead": "bold red",
+               "stopped": "dim", "declared": "dim", "draining": "yellow", "unreachable": "bold red",
+               "reachable": "green", "local": "green", "unknown": "dim"}
+
+
+def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
+       only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these agents (repeatable)."),
+       log_level: str = typer.Option("INFO", "--log-level", help="Agents' log level."),
+       restart_backoff: float = typer.Option(0.5, "--restart-backoff", help="First restart delay in seconds; doubles "
+                                             "on each crash up to 30 s, and resets after 30 s up."),
+       seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="Crawl these URLs instead of the config's "
+                                                 "seeds (repeatable).")) -> None:
+    """Start every agent of this host, restart crashed ones, stop all on Ctrl-C."""
+    logging.basicConfig(level="INFO", format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    cfg = load(config, host)
+    if seeds:
+        crawlers = cfg.agents_of_kind("crawl_coordinator")
+        if not crawlers:
+            err.print(f"[bold red]error:[/] --seeds: {config} has no agent of kind crawl_coordinator")
+            raise typer.Exit(2)
+        for name in crawlers:
+            cfg.agents[name].settings["seeds"] = list(seeds)
+    try:
+        sup = Supervisor(cfg, host=host, only=only, log_level=log_level, backoff_initial_s=restart_backoff)
+    except (ValueError, ConfigError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    started = time.monotonic()
+    state = {"reported": None, "next": 0.0, "twin": None}
+    twin_here = cfg.twin in sup.children
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now < state["next"]:
+            return
+        state["next"] = now + 1.0
+        try:
+            if state["twin"] is None:
+                state["twin"] = client(cfg, cfg.twin, timeout=0.5, sender="meshctl-up")
+            status = state["twin"].request(StatusRequest())
+        except MissingKey as exc:
+            logging.getLogger("meshctl.up").error("%s", exc)
+            state["next"] = float("inf")
+            return
+        except MeshError:
+            if twin_here and now - started > 10 and state["reported"] != "unreachable":
+                logging.getLogger("meshctl.up").warning("the twin is not answering at %s", cfg.endpoint(cfg.twin))
+                state["reported"] = "unreachable"
+            return
+        mine = [a for a in status.agents if a.agent in sup.children]
+        summary = status.mesh_state if all(a.state in ("ready", "degraded") for a in mine) else "starting"
+        if summary != state["reported"]:
+            ready = sum(a.state == "ready" for a in status.agents)
+            logging.getLogger("meshctl.up").info("mesh %s: %s, %d/%d agents ready (%.1fs); `meshctl status` for the table",
+                                                 cfg.mesh.name, summary, ready, len(status.agents), now - started)
+            state["reported"] = summary
+
+    err.print(f"mesh [bold]{cfg.mesh.name}[/]: host [bold]{sup.host}[/], {len(sup.children)} agent(s), "
+              f"logs in {sup.log_dir}/ (`meshctl logs -f`); Ctrl-C stops")
+    try:
+        sup.run(on_tick=tick)
+    except ConfigError as exc:
+        raise config_error(exc) from None
+    finally:
+        if state["twin"] is not None:
+            state["twin"].close()
+
+
+def status(config: str = ConfigOpt, as_json: bool = JsonOpt,
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second.")) -> None:
+    """The twin's table: agent, host, state, heartbeat age, restarts, what each waits on."""
+    cfg = load(config)
+    while True:
+        try:
+            reply = fetch_status(cfg, timeout=cfg.mesh.request_timeout_s)
+        except MissingKey as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except MeshError as exc:
+            err.print(f"[bold red]the twin does not answer[/] at {cfg.endpoint(cfg.twin)}: {exc.message}\n"
+                      f"  is the mesh running? start it with `meshctl up --config {config}`")
+            raise typer.Exit(1) from None
+        if as_json:
+            print(reply.model_dump_json(indent=2))
+            return
+        table = Table(title=f"mesh {reply.mesh}: {reply.mesh_state}", title_justify="left")
+        for col in ("agent", "host/group", "state", "beat", "up", "restarts", "msgs in/out", "errors",
+                    "waiting on / detail"):
+            table.add_column(col)
+        for a in reply.agents:
+            style = STATE_STYLE.get(a.state, "")
+            age = "-" if a.last_heartbeat_age_s is None else f"{a.last_heartbeat_age_s:.1f}s"
+            up_ = "-" if a.uptime_s is None else f"{a.uptime_s:.0f}s"
+            note = ", ".join(a.waiting_on) if a.waiting_on else a.detail
+            table.add_row(a.agent + ("" if a.required else " (optional)"), f"{a.host}/{a.group}", f"[{style}]{a.state}[/]",
+                          age, up_, str(a.restarts), f"{a.stats.messages_in}/{a.stats.messages_out}",
+                          str(a.stats.errors), note)
+        hosts = "   ".join(f"{h.host} ({h.address}) [{STATE_STYLE.get(h.state, '')}]{h.state}[/] {h.ready}/{h.agents} ready"
+                           for h in reply.hosts)
+        if watch:
+            console.clear()
+        console.print(table)
+        console.print(f"hosts: {hosts}")
+        if not watch:
+            return
+        time.sleep(1)
+
+
+def plan(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
+    """Print the start-up order: levels of agents, each depending only on earlier levels."""
+    cfg = load(config, host)
+    for i, level in enumerate(cfg.start_order(), 1):
+        parts = []
+        for a in level:
+            spec = cfg.agents[a]
+            deps = f" <- {', '.join(spec.depends_on)}" if spec.depends_on else ""
+            opt = " (optional)" if not spec.required else ""
+            parts.append(f"{a} [{spec.kind} @ {cfg.host_of(a)}/{cfg.group_of(a)}, rpc :{cfg.port(a, 'rpc')}]{opt}{deps}")
+        console.print(f"[bold]{i}.[/] " + escape("\n   ".join(parts)))
+
+
+def check(config: str = ConfigOpt) -> None:
+    """Validate a config file and say what is wrong with it."""
+    cfg = load(config)
+    try:
+        check_kinds(cfg)
+    except ConfigError as exc:
+        raise config_error(exc) from None
+    console.print(f"{config}: ok ({len(cfg.hosts)} host(s), {len(cfg.groups)} group(s), {len(cfg.agents)} agent(s))")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+    app.command()(status)
+    app.command()(plan)
+    app.command()(check)

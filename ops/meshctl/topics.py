@@ -1,0 +1,38 @@
+"""The topic model agent: `topics` (size, keywords and mean novelty of each topic)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from agents.contracts import TopicsRequest
+from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask, console, load, pick_agent
+
+
+def topics(config: str = ConfigOpt, agent: Optional[str] = AgentOpt("topic model agent"),
+           limit: int = typer.Option(30, "--limit", "-n", help="Largest topics shown."),
+           as_json: bool = JsonOpt) -> None:
+    """Topics of the topic model: size, keywords, mean novelty."""
+    cfg = load(config)
+    name = pick_agent(cfg, "topic_model", agent)
+    reply = ask(cfg, name, TopicsRequest(limit=limit))
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{name}: {reply.total_topics} topic(s), {reply.documents} document(s) scored, "
+                        f"{reply.duplicates} near- and {reply.exact_duplicates} exact duplicate(s); index {reply.index}; "
+                        f"{reply.device}", title_justify="left")
+    for col in ("topic", "size", "mean novelty", "keywords"):
+        table.add_column(col, justify="right" if col in ("topic", "size", "mean novelty") else "left")
+    for t in reply.topics:
+        words = escape(", ".join(t.keywords))
+        table.add_row(str(t.id), str(t.size), f"{t.mean_novelty:.3f}",
+                      f"[bold]{escape(t.title)}[/]: {words}" if t.title else words)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("topics")(topics)

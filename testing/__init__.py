@@ -1,0 +1,7 @@
+"""What tests and benchmarks share (never imported by the product).
+
+    harness.py    free ports, config files, agents on threads, `meshctl up` as a process, wait_for
+    procs.py      processes from /proc: alive, CPU time, sessions, descendants
+    lab.py        two hosts on one machine (network namespaces): cut, latency, loss
+    wire.py       the lab's userspace wire, for kernels without netem
+"""
