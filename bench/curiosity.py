@@ -75,8 +75,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # ahead of bench/, whose mesh.py would hide the mesh package
 
 from bench._util import run_main
 
@@ -136,8 +135,8 @@ def _extract_file(args: tuple[str, str, str]) -> dict:
 def _site_key(root: Path) -> str:
     """The cache key: the files (names, sizes, times), the embedding settings and the code that reads the pages."""
     h = hashlib.sha256(json.dumps({"format": SITE_FORMAT, "embed": EMBED_SETTINGS, "base": BASE}).encode())
-    for module in ("extract.py", "urls.py", "embed.py"):
-        h.update((ROOT / "pipeline" / module).read_bytes())
+    for module in ("agents/extractor/backends.py", "agents/urls.py", "agents/embedding.py"):
+        h.update((ROOT / module).read_bytes())
     for p in sorted(root.rglob("*")):
         if p.is_file():
             st = p.stat()

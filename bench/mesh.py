@@ -45,13 +45,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # ahead of bench/, whose mesh.py would hide the mesh package
 
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
-  # noqa: E402     MeshUp, install_sigterm_as_interrupt, run_main, scan_logs, summarize_logs
 from bench._util import install_sigterm_as_interrupt, run_main, scan_logs, summarize_logs  # noqa: E402
 from testing.harness import MeshUp, free_port_block, write_config  # noqa: E402
 

@@ -29,8 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # ahead of bench/, whose mesh.py would hide the mesh package
 
 from bench._util import run_main
 from testing.harness import MeshUp, free_port_block, write_config  # noqa: E402

@@ -263,10 +263,10 @@ def _agent_ref(kind: str | None, auto: bool):
             return value
         if value not in config.agents:
             of = config.agents_of_kind(kind) if kind else sorted(config.agents)
-            raise PydanticCustomError("agent_ref", "no agent named {name!r}", {
+            raise PydanticCustomError("agent_ref", "no agent named '{name}'", {
                 "name": value, "fix": f"name one of {of}" if of else f"add an agent of kind {kind}"})
         if kind is not None and not config.is_kind(value, kind):
-            raise PydanticCustomError("agent_ref", "{name!r} is a {actual} agent, not a {kind}", {
+            raise PydanticCustomError("agent_ref", "'{name}' is a {actual} agent, not a {kind}", {
                 "name": value, "actual": config.agents[value].kind, "kind": kind,
                 "fix": f"name one of {config.agents_of_kind(kind)}"})
         return value

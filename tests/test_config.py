@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mesh.config import ConfigError, load_config, parse_config
+from testing.harness import mesh_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,3 +184,28 @@ def test_an_explicit_environment_fills_the_variables(monkeypatch):
     monkeypatch.delenv("MAINPC_ADDRESS", raising=False)
     c = load_config(ROOT / "config/mainpc.yaml", environ={"MAINPC_ADDRESS": "10.1.2.3"})
     assert c.endpoint("twin") == "tcp://10.1.2.3:7100"
+
+
+def test_settings_that_name_another_agent_are_checked_against_the_config():
+    """AgentRef settings: a name that is not an agent, or an agent of another kind, is a config error with
+    the names it could be; a kind written as an (old) dotted path is still that kind."""
+    from mesh.runtime import check_kinds
+
+    data = mesh_dict({
+        "extractor": {"kind": "pipeline.extractor:Extractor"},          # the path before the layout by domain
+        "crawler": {"kind": "crawl_coordinator", "settings": {"extractor": "extractr"}},
+        "topics": {"kind": "topic_model", "settings": {"source": "extractor"}},
+        "curiosity": {"kind": "curiosity", "settings": {"coordinator": "topics"}},
+    })
+    c = parse_config(data, "f.yaml")
+    assert c.agent_of_kind("extractor") == "extractor" and c.agents_of_kind("echo") == []
+    with pytest.raises(ConfigError) as info:
+        check_kinds(c)
+    problems = {path: (message, fix) for path, message, fix in info.value.problems}
+    assert set(problems) == {"agents.crawler.settings.extractor", "agents.curiosity.settings.coordinator"}
+    assert problems["agents.crawler.settings.extractor"] == ("no agent named 'extractr'", "name one of ['extractor']")
+    assert problems["agents.curiosity.settings.coordinator"][0] == "'topics' is a topic_model agent, not a crawl_coordinator"
+    assert problems["agents.curiosity.settings.coordinator"][1] == "name one of ['crawler']"
+    data["agents"]["crawler"]["settings"]["extractor"] = "extractor"
+    data["agents"]["curiosity"]["settings"]["coordinator"] = "crawler"
+    check_kinds(parse_config(data, "f.yaml"))

@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 import urllib.request
 
+import yaml
 import zmq
 
 from agents.echo import EchoAgent
+from mesh.config import parse_config
 from mesh.control import client, fetch_status
 from mesh.messages import Register, StateChanged
 from network.messages import Echo, Ping
@@ -67,6 +69,23 @@ def test_start_up_waits_for_dependencies_and_says_on_what(write_config, run_agen
     wait_for(lambda: states(cfg) == {"twin": "ready", "store": "ready", "worker": "ready"}, what="all ready")
     assert fetch_status(cfg).mesh_state == "ready"
     assert probe(cfg.source, "worker")[0] == 0
+
+
+def test_an_agent_beats_at_the_twins_interval(write_config, run_agents):
+    """Registered.heartbeat_interval_s: an agent whose own config says 1 s beats at the twin's 0.2 s once it has
+    registered, so the twin (dead after 3 missed beats of its own interval) never takes it for dead."""
+    path, cfg = write_config(mesh_dict({"echo": {"kind": "echo", "depends_on": ["twin"]}}, heartbeat_interval_s=0.2))
+    data = yaml.safe_load(path.read_text())
+    data["mesh"]["heartbeat_interval_s"] = 1.0
+    slow_cfg = parse_config(data, str(path))
+    twin, = run_agents(cfg, "twin")
+    echo, = run_agents(slow_cfg, "echo")
+    wait_for(lambda: states(cfg).get("echo") == "ready", what="echo ready")
+    assert echo.agent.heartbeat_interval_s == 0.2
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert states(cfg)["echo"] == "ready"
+        time.sleep(0.1)
 
 
 def test_optional_agent_never_blocks_and_degrades_the_mesh(write_config, run_agents):
