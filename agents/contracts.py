@@ -358,7 +358,7 @@ class VramAcquire(Message):
     type_name: ClassVar[str] = "vram.acquire"
     agent: str                      # the holder: the agent that will load the model
     model: str
-    bytes: int                      # the holder's estimate (agents/vram/policy.py estimates)
+    bytes: int                      # the holder's estimate (agents/gpu.py estimates)
     priority: int = 0               # higher is served first and may revoke lower
     instance: str = ""              # the holder's instance id: leases of its earlier instances are reclaimed
     pid: int | None = None          # the holder's process, for measuring what the load really took

@@ -223,7 +223,7 @@ class TopicModelAgent(Agent):
         return self.vram.optimizer is not None
 
     def _acquire_gpu(self) -> None:
-        """Asks for the model's memory (agents/vram/policy.py's estimate for its batch size); the worker moves the model
+        """Asks for the model's memory (agents/gpu.py's estimate for its batch size); the worker moves the model
         between batches: onto the granted GPU, and back to the CPU when the lease is revoked."""
         s = self.settings
         try:

@@ -1,4 +1,4 @@
-"""The VRAM optimizer agent (kind vram_optimizer) and the client other agents use to ask it.
+"""The VRAM optimizer agent (kind vram_optimizer): GPU memory leases for the agents that load models.
 
 An agent asks before it loads a model onto a GPU and says when it is done:
 
@@ -21,8 +21,9 @@ misses heartbeats without being gone), and of any holder that has not renewed fo
 Leases live in the optimizer's memory: after it restarts, a holder's next renewal is answered
 `unknown_lease`, which VramClient reports as reclaimed (unload, and acquire again).
 
-GPUs are read through NVML every poll_s (agents/vram/policy.py); without one every lease is granted on
-the CPU. The decisions are agents/vram/policy.py's LeasePolicy. `VramClient` is the holder's side.
+GPUs are read through NVML every poll_s (agents/vram/gpus.py); without one every lease is granted on
+the CPU. The decisions are agents/vram/policy.py's LeasePolicy. The holder's side, `VramClient`, and the
+messages are in agents/gpu.py and agents/contracts.py: every kind that loads a model uses them.
 """
 
 from __future__ import annotations

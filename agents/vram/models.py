@@ -3,7 +3,7 @@
 Models are named in the settings (`models: {name: {path, n_ctx, ...}}`) and loaded on first use, or at start with
 `preload: true`. Before a load the manager sizes the model from its GGUF header (agents/vram/gguf.py: the offloaded
 blocks, the output head, the KV cache for n_ctx, a compute buffer) and asks the VRAM optimizer for that much
-(agents/vram/agent.py, VramClient):
+(agents/gpu.py, VramClient):
 
     granted on cuda:N -> loaded with n_gpu_layers offloaded (all by default), then `lease.loaded()`: the optimizer
                          measures the NVML delta and corrects its estimate for this model

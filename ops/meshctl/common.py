@@ -61,3 +61,15 @@ def ask(cfg: MeshConfig, name: str, message):
     except MeshError as exc:
         err.print(f"[bold red]{name} at {cfg.endpoint(name)}:[/] {exc.message}")
         raise typer.Exit(1) from None
+
+
+def ask_kind(config: str, kind: str, agent: str | None, message, *, as_json: bool = False):
+    """The usual command: load the config, pick the agent of `kind` (`--agent`), ask it `message`. With
+    `as_json` the reply is printed as JSON and None returned; else (agent name, reply) for the command to show."""
+    cfg = load(config)
+    name = pick_agent(cfg, kind, agent)
+    reply = ask(cfg, name, message)
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+        return None
+    return name, reply

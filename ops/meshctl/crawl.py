@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from agents.contracts import CrawlStatusRequest, Enqueue
-from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask, console, err, load, pick_agent
+from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask, ask_kind, console, err, load, pick_agent
 from store.docstore import StoreUnavailable, open_docstore
 from store.report import crawl_report as make_report
 
@@ -22,12 +22,10 @@ CoordinatorOpt = AgentOpt("crawl coordinator")
 @crawl_app.command("status")
 def crawl_status(config: str = ConfigOpt, agent: Optional[str] = CoordinatorOpt, as_json: bool = JsonOpt) -> None:
     """Frontier and hand-off counts of the running crawl."""
-    cfg = load(config)
-    name = pick_agent(cfg, "crawl_coordinator", agent)
-    st = ask(cfg, name, CrawlStatusRequest())
-    if as_json:
-        print(st.model_dump_json(indent=2))
+    asked = ask_kind(config, "crawl_coordinator", agent, CrawlStatusRequest(), as_json=as_json)
+    if asked is None:
         return
+    name, st = asked
     state = "[green]idle[/]" if st.idle else "[cyan]crawling[/]"
     console.print(f"crawl {name}: {state}; {st.pages} page(s) fetched, {st.documents} stored this run, "
                   f"budget left {st.budget_left}\n  frontier: {st.queued} queued, {st.leased} leased, "

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agents.contracts import ModelsRequest, VramStatusRequest
-from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask, console, load, pick_agent
+from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask_kind, console
 
 
 def _mib(n: int | None) -> str:
@@ -19,12 +19,10 @@ def _mib(n: int | None) -> str:
 
 def vram(config: str = ConfigOpt, agent: Optional[str] = AgentOpt("VRAM optimizer"), as_json: bool = JsonOpt) -> None:
     """GPUs, budgets and model leases of the VRAM optimizer."""
-    cfg = load(config)
-    name = pick_agent(cfg, "vram_optimizer", agent)
-    st = ask(cfg, name, VramStatusRequest())
-    if as_json:
-        print(st.model_dump_json(indent=2))
+    asked = ask_kind(config, "vram_optimizer", agent, VramStatusRequest(), as_json=as_json)
+    if asked is None:
         return
+    name, st = asked
     console.print(f"{name}: {st.backend}; {escape(st.detail)}; headroom {_mib(st.headroom)}")
     if st.gpus:
         table = Table(title="GPUs", title_justify="left")
@@ -54,12 +52,10 @@ def vram(config: str = ConfigOpt, agent: Optional[str] = AgentOpt("VRAM optimize
 
 def models(config: str = ConfigOpt, agent: Optional[str] = AgentOpt("model manager"), as_json: bool = JsonOpt) -> None:
     """GGUF models of the model manager: state, placement, lease."""
-    cfg = load(config)
-    name = pick_agent(cfg, "model_manager", agent)
-    reply = ask(cfg, name, ModelsRequest())
-    if as_json:
-        print(reply.model_dump_json(indent=2))
+    asked = ask_kind(config, "model_manager", agent, ModelsRequest(), as_json=as_json)
+    if asked is None:
         return
+    name, reply = asked
     table = Table(title=f"{name}: VRAM by {reply.gpu}", title_justify="left")
     for col in ("model", "state", "placement", "estimate", "requests", "idle s", "path / error"):
         table.add_column(col, justify="right" if col in ("estimate", "requests", "idle s") else "left")

@@ -9,19 +9,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from agents.contracts import TopicsRequest
-from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask, console, load, pick_agent
+from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask_kind, console
 
 
 def topics(config: str = ConfigOpt, agent: Optional[str] = AgentOpt("topic model agent"),
            limit: int = typer.Option(30, "--limit", "-n", help="Largest topics shown."),
            as_json: bool = JsonOpt) -> None:
     """Topics of the topic model: size, keywords, mean novelty."""
-    cfg = load(config)
-    name = pick_agent(cfg, "topic_model", agent)
-    reply = ask(cfg, name, TopicsRequest(limit=limit))
-    if as_json:
-        print(reply.model_dump_json(indent=2))
+    asked = ask_kind(config, "topic_model", agent, TopicsRequest(limit=limit), as_json=as_json)
+    if asked is None:
         return
+    name, reply = asked
     table = Table(title=f"{name}: {reply.total_topics} topic(s), {reply.documents} document(s) scored, "
                         f"{reply.duplicates} near- and {reply.exact_duplicates} exact duplicate(s); index {reply.index}; "
                         f"{reply.device}", title_justify="left")
