@@ -75,7 +75,10 @@ class Supervisor:
 
     def start(self) -> None:
         check_kinds(self.config, list(self.children))  # fail before starting anything
-        modules = {"mesh.runtime", "network.rpc"} | {module_of(self.config.agents[n].kind) for n in self.children}
+        # what every child imports, imported once in the fork server: this module itself (the children's entry
+        # point, with rich for the logs: ~60 ms of CPU each), the runtime, and the kinds of this host
+        modules = {__name__, "mesh.runtime", "network.rpc"} | {module_of(self.config.agents[n].kind)
+                                                              for n in self.children}
         # Every child re-runs the parent's main module (multiprocessing's __mp_main__ fix-up) unless the fork
         # server has it already: the `meshctl` console script imports the whole CLI, ~20 ms of CPU and tens of
         # MiB per agent. `python -m ops.meshctl` runs ops.meshctl.__main__, which children never re-run.
