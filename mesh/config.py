@@ -162,11 +162,11 @@ class MeshConfig(_Model):
 
     def finish(self) -> MeshConfig:
         """Assigns ports to agents that declared none and checks what a schema cannot."""
+        self._targets = {a: _target_or_none(spec.kind) for a, spec in self.agents.items()}
         problems = _check(self)
         if problems:
             raise ConfigError(self.source, problems)
         self._group_of = {a: g for g, grp in self.groups.items() for a in grp.agents}
-        self._targets = {a: _target_or_none(spec.kind) for a, spec in self.agents.items()}
         return self
 
     @property
@@ -368,7 +368,7 @@ def _check(cfg: MeshConfig) -> list[tuple[str, str, str]]:
         problems.append((f"agents.{cycle[0]}.depends_on", "dependency cycle: " + " -> ".join(cycle),
                          "remove one of these dependencies; start-up order must be a tree"))
 
-    twins = [a for a, s in cfg.agents.items() if _target_or_none(s.kind) == target_of(TWIN_KIND)]
+    twins = cfg.agents_of_kind(TWIN_KIND)
     if len(twins) != 1:
         problems.append(("agents", f"expected exactly one agent of kind {TWIN_KIND!r}, found {len(twins)}",
                          "declare one digital twin; every other agent registers with it"))

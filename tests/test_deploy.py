@@ -108,13 +108,9 @@ def test_exit_status_of_status_and_of_errors(monkeypatch, capsys):
     assert deploy.main(["status", "mainpc"]) == 1  # a group not running
     monkeypatch.setattr(deploy, "status", lambda host: 0)
     assert deploy.main(["status", "mainpc"]) == 0
-
-    def fails(*args, **kwargs):
-        raise deploy.DeployError("podman is not installed: apt-get install -y podman")
-    monkeypatch.setattr(deploy, "down", fails)
     capsys.readouterr()
-    assert deploy.main(["down", "mainpc"]) == 2
-    assert capsys.readouterr().err == "error: podman is not installed: apt-get install -y podman\n"
+    assert deploy.main(["kube", "nowhere"]) == 2  # a real DeployError: no such config
+    assert capsys.readouterr().err.startswith("error: no config/nowhere.yaml (hosts with a config: ")
     assert deploy.main(["build", "no-such-group"]) == 2
     assert "unknown group(s) no-such-group" in capsys.readouterr().err
     assert deploy.main(["deploy"]) == 2  # HOST missing: a usage error

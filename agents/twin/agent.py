@@ -172,7 +172,7 @@ class DigitalTwin(Agent):
                                            history_len=s.history_len)
             except OSError as exc:
                 raise StartupError(f"twin {self.name}: cannot serve the dashboard on {s.dashboard_bind}:{port}: {exc} "
-                                   "(another mesh on this host? set mesh.port_offset, or agents.twin.agent.settings."
+                                   "(another mesh on this host? set mesh.port_offset, or agents.twin.settings."
                                    "dashboard_port, or dashboard: false)") from None
             self._snapshot_due = False
             self.reactor.every(1.0, self._snapshot)

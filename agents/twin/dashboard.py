@@ -130,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not ok:
             return self._send(HTTPStatus.UNAUTHORIZED, b"a token is needed: open /?token=TOKEN once "
-                              b"(agents.twin.agent.settings.dashboard_token), or send Authorization: Bearer TOKEN\n",
+                              b"(agents.twin.settings.dashboard_token), or send Authorization: Bearer TOKEN\n",
                               "text/plain")
         if url.path in d.files:
             body, ctype = d.files[url.path]
