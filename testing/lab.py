@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testing.system import reason
+
 PREFIX = "meshlab"
 
 
@@ -35,12 +37,15 @@ class LabUnavailable(Exception):
     """The lab cannot run here; the message says why (not root, no iproute2, ...)."""
 
 
-def available() -> tuple[bool, str]:
+def available(*, wire: bool = False) -> tuple[bool, str]:
+    """Whether a lab can run here (`wire`: one with the userspace wire, which needs ethtool), and if not why."""
     if os.geteuid() != 0:
-        return False, "the network lab needs root (network namespaces)"
+        return False, "the network lab needs root (network namespaces): run scripts/test as root"
     for tool in ("ip", "nsenter"):
         if shutil.which(tool) is None:
-            return False, f"the network lab needs `{tool}` (apt-get install -y iproute2 util-linux)"
+            return False, reason(tool)
+    if wire and shutil.which("ethtool") is None:
+        return False, reason("ethtool")
     probe = f"{PREFIX}-probe-{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -158,7 +163,7 @@ class Lab:
 
     def _build_wire(self, tag: str) -> None:
         if shutil.which("ethtool") is None:
-            raise LabUnavailable("a lab with a userspace wire needs ethtool (apt-get install -y ethtool)")
+            raise LabUnavailable(reason("ethtool"))
         self._wire_ns = f"{PREFIX}-{tag}-wire"
         self._wire_devs = (f"wire{tag[-4:]}a", f"wire{tag[-4:]}b")
         _ip("netns", "add", self._wire_ns)

@@ -66,10 +66,10 @@ PYDOC = Path("/usr/share/doc/python3/html")
 @pytest.fixture(scope="module")
 def pydoc_site():
     """Debian's python3-doc (about 530 HTML pages) served by `python -m http.server` on loopback: its base URL."""
-    from tests.services import missing
+    from testing.system import missing, reason
 
     if not (PYDOC / "index.html").exists():
-        missing("the python3-doc package is not installed (apt-get install python3-doc)")
+        missing(reason("python3-doc"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

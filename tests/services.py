@@ -1,7 +1,8 @@
 """Real PostgreSQL and Redis servers for tests, started on free ports and removed afterwards (pytest fixtures).
 
 Registered in tests/conftest.py (``pytest_plugins``). Without the server binaries the tests that need them are
-skipped, except under ``CI=true``, where a missing binary fails them: CI must install them (see .ci/run).
+skipped with the apt-get line as reason, except under ``CI=true``, where a missing binary fails them
+(scripts/test run as root installs them: scripts/debian-packages).
 
 * `postgres_server` (session): a private cluster (initdb into a temp dir, fsync off) on 127.0.0.1;
   `postgres_url`: a fresh database per test, dropped afterwards.
@@ -27,14 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from testing.system import missing, reason
+
 START_TIMEOUT_S = 30.0
-
-
-def missing(reason: str) -> None:
-    """Skips the test, or fails it under CI=true (where every backend must really run)."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -89,10 +85,10 @@ def _start_postgres(bindir: Path) -> PostgresServer:
             pw = pwd.getpwnam("postgres")
         except KeyError:
             shutil.rmtree(base)
-            missing("PostgreSQL tests run as root need a 'postgres' user (apt-get install postgresql)")
+            missing("PostgreSQL tests run as root need a 'postgres' user: " + reason("postgresql"))
         if not shutil.which("runuser"):
             shutil.rmtree(base)
-            missing("PostgreSQL tests run as root need runuser (apt-get install util-linux)")
+            missing("PostgreSQL tests run as root need runuser (apt-get install -y util-linux)")
         os.chown(base, pw.pw_uid, pw.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     server = PostgresServer(bindir=bindir, base=base, port=0, as_user=as_user)
@@ -139,7 +135,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL cluster for the whole session, stopped and deleted at the end."""
     bindir = _postgres_bindir()
     if bindir is None:
-        missing("PostgreSQL server binaries not found (apt-get install postgresql)")
+        missing(reason("postgresql"))
     server = _start_postgres(bindir)
     try:
         yield server
@@ -217,7 +213,7 @@ def redis_server() -> Iterator[RedisServer]:
     """A redis-server for the whole session, stopped at the end."""
     binary = shutil.which("redis-server")
     if binary is None:
-        missing("redis-server not found (apt-get install redis-server)")
+        missing(reason("redis-server"))
     server = _start_redis(binary)
     try:
         yield server

@@ -24,7 +24,7 @@ from network.messages import Echo
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
 from testing.harness import ROOT, mesh_dict, wait_for
-from tests.services import missing
+from testing.system import missing, reason
 
 OUTPUT = Path(os.environ.get("MESH_TEST_OUTPUT", ROOT / "test-output"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -245,7 +245,7 @@ def test_an_agent_loading_in_on_ready_is_not_declared_dead(write_config, run_age
 @pytest.fixture
 def chromium():
     if not Path(CHROMIUM).exists():
-        missing("no chromium here (apt-get install -y chromium)")
+        missing(reason("chromium"))
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

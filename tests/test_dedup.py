@@ -42,7 +42,7 @@ from agents.embedding import Embedder, EmbedderError, lexical_vectors, resolve_m
 from agents.extractor.backends import extract
 from agents.gpu import DeviceError, resolve_device
 from agents.topics.dedup import DuplicateIndex
-from tests.services import missing
+from testing.system import missing, reason
 
 PYDOC = Path("/usr/share/doc/python3/html")
 THRESHOLD = 0.85
@@ -250,7 +250,7 @@ def embedder() -> Embedder:
 def pages() -> Pages:
     root = PYDOC.resolve()
     if not (root / "index.html").is_file():
-        missing("python3-doc is not installed (apt-get install python3-doc)")
+        missing(reason("python3-doc"))
     return Pages(root)
 
 

@@ -29,7 +29,8 @@ from agents.curiosity.hotcache import (
     open_hotcache,
 )
 from store.docstore import Document, open_docstore
-from tests.services import _start_redis, free_port, missing
+from testing.system import missing, reason
+from tests.services import _start_redis, free_port
 
 T0 = 1_700_000_000.0
 
@@ -359,7 +360,7 @@ def test_redis_stats_and_documents_survive_a_reopen(redis_url: str):
 def test_redis_outage_is_hotcacheunavailable():
     binary = shutil.which("redis-server")
     if binary is None:
-        missing("redis-server not found (apt-get install redis-server)")
+        missing(reason("redis-server"))
     server = _start_redis(binary)
     try:
         cache = open_hotcache(server.url(0), max_items=5)

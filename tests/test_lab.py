@@ -15,6 +15,7 @@ import pytest
 from mesh.config import load_config
 from testing.harness import ROOT, wait_for
 from testing.lab import Lab, available, netem_available
+from testing.system import missing
 
 HOSTS = ("mainpc", "pc2")
 ECHOES_HANDLED = 'mesh_request_latency_seconds_count{side="server",type="mesh.echo"}'
@@ -104,13 +105,14 @@ class TwoHostMesh:
 def lab(request):
     """Two lab hosts; the `50ms` variant adds 50 ms each way (tc netem where the kernel has it,
     else the lab's userspace wire)."""
-    ok, why = available()
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the lab tests: {why}")
-        pytest.skip(why)
     delay = request.param
-    with Lab(HOSTS, wire=bool(delay) and not netem_available()[0]) as lab:
+    ok, why = available()
+    wire = ok and bool(delay) and not netem_available()[0]
+    if ok and wire:
+        ok, why = available(wire=True)
+    if not ok:
+        missing(f"CI must run the lab tests: {why}" if os.environ.get("CI") == "true" else why)
+    with Lab(HOSTS, wire=wire) as lab:
         if delay:
             lab.shape(delay_ms=delay)
         yield lab

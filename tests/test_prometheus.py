@@ -36,13 +36,14 @@ from network.metrics import MeshMetrics
 from network.rpc import MeshError
 from ops.monitoring import SHIPPED_CONFIG, SHIPPED_DASHBOARD, SHIPPED_RULES, TARGET_LABELS, render, scrape_config
 from testing.harness import ROOT, MeshUp, mesh_dict, wait_for
-from tests.services import free_port, missing
+from testing.system import missing, reason
+from tests.services import free_port
 
 
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        missing(f"{name} is not installed (apt-get install prometheus: Debian's package has prometheus and promtool)")
+        missing(f"`{name}` is missing: {reason('prometheus')}")
     return path
 
 
@@ -424,11 +425,13 @@ def test_podman_build_monitoring_runs_prometheus_in_a_container(monkeypatch, tmp
     network with the config generated for host `local` and the shipped rules; it scrapes the agents of
     a `meshctl up` running here. Running it again changes nothing; --down --volumes leaves nothing."""
     from testing.harness import free_port_block
-    from tests.test_podman import BASE, podman_available
+    from testing.system import need, need_root
+    from tests.test_podman import BASE, CONTAINERS_CONF
 
-    ok, why = podman_available()
-    if not ok:
-        missing(why)
+    need("podman", "runc", "debootstrap")
+    need_root("the Podman tests run rootful podman, which")
+    if "CONTAINERS_CONF" not in os.environ:
+        monkeypatch.setenv("CONTAINERS_CONF", str(CONTAINERS_CONF))
     offset = free_port_block(30) - 7100
     while offset > 50000:   # mesh.port_offset's ceiling
         offset = free_port_block(30) - 7100

@@ -23,7 +23,7 @@ from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
 from store.docstore import Document, open_docstore
 from testing.harness import mesh_dict, wait_for
-from tests.services import missing
+from testing.system import missing, reason
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,7 +34,7 @@ def texts() -> dict[str, str]:
     near-duplicates at the default threshold)."""
     root = Path("/usr/share/doc/python3/html")
     if not (root / "index.html").exists():
-        missing("python3-doc is not installed (apt-get install python3-doc)")
+        missing(reason("python3-doc"))
     files = sorted(root.resolve().glob("library/*.html"))[::3][:100]
     return {f"http://docs.local/library/{f.name}": extract(f.read_bytes(), url=f"http://docs.local/library/{f.name}",
                                                            content_type="text/html").text for f in files}
