@@ -6,10 +6,16 @@ underneath, so mainpc.yaml and pc2.yaml share one mesh description. Strings may 
 `${VAR}` or `${VAR:-default}` to take values (host addresses, say) from the environment.
 
 Every problem is reported with the file, the field path and what to do about it.
+
+Ports: every port the mesh binds on a host is reserved, per host, before any is assigned: explicit
+`endpoints:` and the ports an agent's kind declares besides its endpoints (its settings model's
+`extra_ports(mesh)`, see `mesh.runtime.AgentSettings`: the twin's dashboard). Two users of one port on
+one host are a problem naming both; endpoints left out get the next port from `base_port` that nobody uses.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -29,11 +35,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mesh.kinds import UnknownKind, target_of
+from mesh.kinds import UnknownKind, may_declare_ports, target_of
 from network.codec import DEFAULT_MAX_FRAME_BYTES
 from network.security import secret_path
 
 NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+ENDPOINTS = ("rpc", "pub", "metrics")   # every agent's ports; a kind's settings may declare more (extra_ports)
 TWIN_KIND = "digital_twin"
 MAX_CONFIG_BYTES = 1 << 20      # a mesh config is a few kB; PyYAML reads about 100 kB/s, so this bounds a load
 MAX_CONFIG_VALUES = 200_000     # values after YAML aliases are expanded (an alias bomb grows exponentially)
@@ -152,6 +159,7 @@ class MeshConfig(_Model):
     _source: str = PrivateAttr("<memory>")
     _group_of: dict[str, str] = PrivateAttr(default_factory=dict)
     _targets: dict[str, str | None] = PrivateAttr(default_factory=dict)   # agent -> its kind's module:Class
+    _extra_ports: dict[str, dict[str, int]] = PrivateAttr(default_factory=dict)  # agent -> name -> port (no offset)
 
     @property
     def source(self) -> str:
@@ -161,12 +169,13 @@ class MeshConfig(_Model):
     # --- derived views (computed once in finish()) ---
 
     def finish(self) -> MeshConfig:
-        """Assigns ports to agents that declared none and checks what a schema cannot."""
+        """Assigns ports to agents that declared none and checks what a schema cannot. Imports the modules of the
+        kinds that may declare ports of their own (`extra_ports` of their settings: the twin, plug-ins)."""
         self._targets = {a: _target_or_none(spec.kind) for a, spec in self.agents.items()}
+        self._group_of = {a: g for g, grp in self.groups.items() for a in grp.agents}   # settings may ask host_of
         problems = _check(self)
         if problems:
             raise ConfigError(self.source, problems)
-        self._group_of = {a: g for g, grp in self.groups.items() for a in grp.agents}
         return self
 
     @property
@@ -215,8 +224,16 @@ class MeshConfig(_Model):
             raise ConfigError(self.source, [(f"agents.{agent}.settings.{p}", m, f)
                                             for p, m, f in _pydantic_problems(exc)]) from None
 
-    def port(self, agent: str, which: Literal["rpc", "pub", "metrics"]) -> int:
-        return getattr(self.agents[agent].endpoints, which) + self.mesh.port_offset
+    def port(self, agent: str, which: str) -> int:
+        """`which`: rpc, pub, metrics, or a port the agent's kind declares (`extra_ports`: the twin's dashboard);
+        mesh.port_offset included."""
+        extra = self._extra_ports.get(agent, {})
+        port = extra[which] if which in extra else getattr(self.agents[agent].endpoints, which)
+        return port + self.mesh.port_offset
+
+    def ports(self, agent: str) -> dict[str, int]:
+        """Every port `agent` binds, by name: rpc, pub, metrics, then those its kind declares; offset included."""
+        return {which: self.port(agent, which) for which in (*ENDPOINTS, *self._extra_ports.get(agent, {}))}
 
     def endpoint(self, agent: str, which: Literal["rpc", "pub"] = "rpc") -> str:
         return f"tcp://{self.hosts[self.host_of(agent)].address}:{self.port(agent, which)}"
@@ -381,23 +398,73 @@ def _check(cfg: MeshConfig) -> list[tuple[str, str, str]]:
     return problems
 
 
+def _settings_model(target: str | None) -> type[BaseModel] | None:
+    """The settings model (`Settings`) of the kind at `target` ('module:Class'), or None when the module cannot be
+    imported: `check_kinds` (meshctl check, meshctl up) reports that with its reason."""
+    if target is None:
+        return None
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:   # an import error, or whatever the module raised: check_kinds says which
+        return None
+    model = getattr(getattr(module, attr, None), "Settings", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _declared_ports(cfg: MeshConfig, agent: str, problems: list[tuple[str, str, str]]) -> dict[str, int]:
+    """The ports `agent` binds besides its endpoints, as its kind's settings declare them (`extra_ports(mesh)`),
+    before mesh.port_offset. Settings that do not validate declare none here: check_kinds reports them. Only kinds
+    that may declare ports are imported (not the built-in ones that declare none: `mesh.kinds.DECLARE_PORTS`)."""
+    target = cfg._targets.get(agent)
+    model = _settings_model(target) if target is not None and may_declare_ports(target) else None
+    declare = getattr(model, "extra_ports", None)
+    if not callable(declare):
+        return {}
+    try:
+        declared = cfg.settings_of(agent, model).extra_ports(cfg.mesh)
+    except ConfigError:
+        return {}
+    ports: dict[str, int] = {}
+    for name, port in dict(declared or {}).items():
+        if not isinstance(name, str) or not re.match(NAME, name) or name in ENDPOINTS:
+            problems.append((f"agents.{agent}.settings", f"kind {cfg.agents[agent].kind!r} declares a port named "
+                             f"{name!r}", f"its settings' extra_ports must name ports like 'dashboard', not "
+                             f"{ENDPOINTS}"))
+        elif port is not None:
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                problems.append((f"agents.{agent}.settings", f"the {name} port of {agent} is {port!r}, not a port",
+                                 "set a port 1-65535"))
+            else:
+                ports[name] = port
+    return ports
+
+
 def _assign_ports(cfg: MeshConfig, problems: list[tuple[str, str, str]]) -> None:
-    taken: dict[tuple[str, int], str] = {}
     host_of = {a: cfg.groups[g].host for g, grp in cfg.groups.items() for a in grp.agents}
+    taken: dict[tuple[str, int], str] = {}
+    # reserved first, in declaration order: explicit endpoints, then the ports each agent's kind declares
+    cfg._extra_ports = {}
     for agent, spec in cfg.agents.items():
-        for which in ("rpc", "pub", "metrics"):
-            port = getattr(spec.endpoints, which)
-            if port is not None:
-                key = (host_of[agent], port)
-                if key in taken:
-                    problems.append((f"agents.{agent}.endpoints.{which}",
-                                     f"port {port} on host {key[0]!r} is already used by {taken[key]}",
-                                     "give each endpoint on a host its own port"))
-                taken[key] = f"{agent}.{which}"
+        cfg._extra_ports[agent] = declared = _declared_ports(cfg, agent, problems)
+        wanted = [(which, getattr(spec.endpoints, which), f"agents.{agent}.endpoints.{which}") for which in ENDPOINTS]
+        wanted += [(name, port, f"agents.{agent}.settings") for name, port in declared.items()]
+        for which, port, path in wanted:
+            if port is None:
+                continue
+            key, user = (host_of[agent], port), f"{agent}.{which}"
+            if key in taken:
+                problems.append((path, f"port {port} on host {key[0]!r} is used by {taken[key]} and {user}",
+                                 "give every port on a host one user: change one of the two (an endpoint, or the "
+                                 "setting behind a port its kind declares), or leave endpoints out to have them "
+                                 "assigned"))
+            else:
+                taken[key] = user
+    # then every endpoint left out: per host, from base_port, the next port nobody uses
     next_port = {h: cfg.mesh.base_port for h in cfg.hosts}
     for agent, spec in cfg.agents.items():
         host = host_of[agent]
-        for which in ("rpc", "pub", "metrics"):
+        for which in ENDPOINTS:
             if getattr(spec.endpoints, which) is None:
                 while (host, next_port[host]) in taken:
                     next_port[host] += 1
@@ -406,10 +473,11 @@ def _assign_ports(cfg: MeshConfig, problems: list[tuple[str, str, str]]) -> None
                     return
                 taken[(host, next_port[host])] = f"{agent}.{which}"
                 setattr(spec.endpoints, which, next_port[host])
-    top = max(p for _, p in taken) if taken else 0
-    if top + cfg.mesh.port_offset > 65535:
-        problems.append(("mesh.port_offset", f"offset {cfg.mesh.port_offset} pushes port {top} past 65535",
-                         "use a smaller port_offset"))
+    if taken:
+        (host, top), user = max(taken.items(), key=lambda item: item[0][1])
+        if top + cfg.mesh.port_offset > 65535:
+            problems.append(("mesh.port_offset", f"offset {cfg.mesh.port_offset} pushes port {top} ({user} on host "
+                             f"{host!r}) past 65535", "use a smaller port_offset, or lower the highest ports"))
 
 
 # --- loading -----------------------------------------------------------------------------------

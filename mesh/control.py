@@ -1,10 +1,14 @@
-"""Talking to a running mesh from outside it: the CLI, the health probe, tests and benchmarks."""
+"""Talking to a running mesh from outside it: the CLI, the health probe, tests and benchmarks.
+
+What goes wrong arrives as a `MeshError` (no reply, an error reply, a garbled reply, a reply of the
+wrong type), never as a codec error or an AttributeError on a reply that is not what was asked."""
 
 from __future__ import annotations
 
 from mesh.config import MeshConfig
 from mesh.messages import StatusReply, StatusRequest
-from network.rpc import RpcClient
+from network.messages import ErrorCode
+from network.rpc import MeshError, RpcClient
 from network.security import load_identity
 
 
@@ -20,4 +24,13 @@ def client(config: MeshConfig, agent: str, *, timeout: float | None = None, retr
 
 def fetch_status(config: MeshConfig, *, timeout: float = 2.0) -> StatusReply:
     with client(config, config.twin, timeout=timeout) as c:
-        return c.request(StatusRequest())
+        return request_status(c)
+
+
+def request_status(c: RpcClient) -> StatusReply:
+    """The twin's status over `c`; MeshError when it does not come (a reply of another type is `invalid_body`)."""
+    reply = c.request(StatusRequest())
+    if not isinstance(reply, StatusReply):
+        raise MeshError(ErrorCode.INVALID_BODY, f"the twin answered {StatusRequest.type_name} with {reply.type_name}, "
+                                                f"not {StatusReply.type_name}")
+    return reply

@@ -6,7 +6,8 @@ A kind in YAML is one of:
     (`[project.entry-points."agent_mesh.kinds"] my_kind = "my_pkg.agent:MyAgent"`);
   * a dotted path `package.module:ClassName` to an Agent subclass.
 
-This module only names them; `mesh.runtime.resolve` imports the class. Dotted paths of the
+This module only names them; `mesh.runtime.resolve` imports the class (and `mesh.config`, as it loads a
+file, the module of each kind that may declare ports besides rpc/pub/metrics: `may_declare_ports`). Dotted paths of the
 kinds that moved when the code was laid out by domain (`pipeline.coordinator:CrawlCoordinator`, ...)
 still work: `MOVED` maps them to where they are now.
 """
@@ -28,6 +29,12 @@ BUILTIN: dict[str, str] = {
     "vram_optimizer": "agents.vram.agent:VramOptimizer",
     "model_manager": "agents.vram.models:ModelManager",
 }
+
+
+# Built-in kinds whose settings declare ports besides rpc, pub and metrics (`AgentSettings.extra_ports`: the twin's
+# dashboard). Loading a config imports the modules of these and of every plug-in kind, for the ports they bind, but
+# not those of the other built-in kinds (torch alone takes seconds). tests/test_ports.py checks this set.
+DECLARE_PORTS: frozenset[str] = frozenset({"digital_twin"})
 
 
 # module paths of built-in kinds before the layout by domain: a user's config may still name them
@@ -64,6 +71,13 @@ def target_of(kind: str) -> str:
         return MOVED.get(kind, kind)
     known = sorted(BUILTIN) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
     raise UnknownKind(f"unknown agent kind {kind!r}: use one of {known}, or a dotted path 'package.module:Class'")
+
+
+def may_declare_ports(target: str) -> bool:
+    """Whether the kind at `target` ('module:Class', from target_of) may declare extra ports: a built-in kind in
+    DECLARE_PORTS, or any plug-in kind. The config imports only these to ask."""
+    builtin = {path: name for name, path in BUILTIN.items()}
+    return target not in builtin or builtin[target] in DECLARE_PORTS
 
 
 def module_of(kind: str) -> str:

@@ -51,7 +51,8 @@ class AgentStats(BaseModel):
 
 
 class Register(Message):
-    """An agent (re-)announces itself. A new `instance` for a known agent counts as a restart."""
+    """An agent (re-)announces itself. A new `instance` for a known agent counts as a restart. `state`: starting,
+    waiting, ready or degraded (the twin refuses the others: invalid_body)."""
 
     type_name: ClassVar[str] = "twin.register"
     agent: str
@@ -70,6 +71,8 @@ class Registered(Message):
 
 
 class Heartbeat(Message):
+    """Sent while the agent is ready or degraded; the twin refuses any other `state` (invalid_body)."""
+
     type_name: ClassVar[str] = "twin.heartbeat"
     agent: str
     instance: str

@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 import zmq
 from pydantic import BaseModel, ConfigDict
 
-from mesh.config import ConfigError, MeshConfig
+from mesh.config import ConfigError, MeshConfig, MeshSettings
 from mesh.kinds import OLD_MODULES, UnknownKind, target_of
 from mesh.messages import (
     AgentStats,
@@ -54,6 +54,15 @@ class AgentSettings(BaseModel):
     """Base of every kind's settings (`agents.NAME.settings` in YAML)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def extra_ports(self, mesh: MeshSettings) -> dict[str, int]:
+        """The ports the agent binds besides its endpoints (rpc, pub, metrics), by name, before mesh.port_offset
+        (`mesh` is the config's `mesh:` section, for defaults such as base_port + 80); a port left out or None is
+        not bound. The config reserves them on the agent's host when it is loaded: assigned endpoints skip them, an
+        explicit endpoint on one is a config error naming both users, and `meshctl plan` lists them
+        (`config.port(agent, name)`, port_offset included). A kind that serves more (an HTTP page, say)
+        overrides this, and binds what it returns plus mesh.port_offset."""
+        return {}
 
 
 def handles(message_type: type[Message]) -> Callable:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Any, get_args, get_origin
 
 import msgpack
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from network.messages import ErrorCode, Message, lookup
 
@@ -96,18 +97,60 @@ def encode(message: Message, *, sender: str, cid: bytes = b"", msg_id: bytes | N
 
 def _peek_header(frame: bytes) -> tuple[bytes, str, str]:
     """Id, sender and type of an oversized frame, read without unpacking its body, so the
-    error reply can still be correlated. Empty values when the header is not readable."""
+    error reply can still be correlated. The id is readable under the same rule as in `decode`
+    (format 1, id bin of 16 bytes, cid bin of 0 or 16, sender str); the type does not matter.
+    Empty values when the header is not readable."""
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame))
     try:
         unpacker.feed(frame)
-        if unpacker.read_array_header() != 8 or unpacker.unpack() != FRAME_FORMAT:
+        if unpacker.read_array_header() != 8:
             return b"", "", ""
-        type_name, _version, mid, _cid, sender = (unpacker.unpack() for _ in range(5))
+        fmt = unpacker.unpack()
+        if type(fmt) is not int or fmt != FRAME_FORMAT:
+            return b"", "", ""
+        type_name, _version, mid, cid, sender = (unpacker.unpack() for _ in range(5))
     except Exception:
         return b"", "", ""
-    if not (isinstance(mid, bytes) and isinstance(sender, str) and isinstance(type_name, str)):
+    if (type(mid) is not bytes or len(mid) != 16 or type(cid) is not bytes or len(cid) not in (0, 16)
+            or type(sender) is not str):
         return b"", "", ""
-    return mid, sender, type_name
+    return mid, sender, type_name if type(type_name) is str else ""
+
+
+def _has_maps(annotation: Any, seen: set) -> bool:
+    """Whether a field of this type can hold a map that no model validates (dict or Any fields, also
+    inside lists and nested models): pydantic's lax mode would take bin keys there as str."""
+    if annotation is Any or annotation is dict or get_origin(annotation) is dict:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation in seen:
+            return False
+        seen.add(annotation)
+        return any(_has_maps(f.annotation, seen) for f in annotation.model_fields.values())
+    return any(_has_maps(a, seen) for a in get_args(annotation))
+
+
+_maps: dict[type[Message], bool] = {}  # per type: does its body need the map-key walk below
+
+
+def _bad_key(body: dict) -> tuple[str, object] | None:
+    """Where a map of the body has a key that is not str (msgpack's strict_map_key lets bin through),
+    and that key; None when every key is str. Iterative: msgpack allows deeper nesting than Python's
+    recursion limit."""
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if type(value) is dict:
+            for k, v in value.items():
+                if type(k) is not str:
+                    return ".".join(map(str, path)) or "<body>", k
+                if type(v) is dict or type(v) is list:
+                    stack.append((v, (*path, k)))
+        else:
+            for i, v in enumerate(value):
+                if type(v) is dict or type(v) is list:
+                    stack.append((v, (*path, i)))
+    return None
 
 
 def decode(frame: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Envelope:
@@ -121,14 +164,15 @@ def decode(frame: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
         raw = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise Undecodable(f"frame is not valid msgpack: {exc or type(exc).__name__}") from None
-    if not isinstance(raw, list) or len(raw) != 8 or raw[0] != FRAME_FORMAT:
+    # `type(...) is int`: msgpack's true is a Python bool, which equals 1
+    if type(raw) is not list or len(raw) != 8 or type(raw[0]) is not int or raw[0] != FRAME_FORMAT:
         raise Undecodable("frame is not a mesh envelope: expected an array of 8 starting with 1")
     _, type_name, version, mid, cid, sender, ts, body = raw
     if not isinstance(mid, bytes) or not isinstance(cid, bytes) or not isinstance(sender, str):
         raise Undecodable("envelope header has wrong field types (id and cid must be bin, sender str)")
     if len(mid) != 16 or len(cid) not in (0, 16):
         raise Undecodable("id must be 16 bytes, and cid 16 bytes or empty", sender=sender)
-    if not isinstance(type_name, str) or type(version) is not int or not isinstance(ts, (int, float)):
+    if not isinstance(type_name, str) or type(version) is not int or (type(ts) is not float and type(ts) is not int):
         raise Undecodable("envelope header has wrong field types (type str, version int, ts float)", msg_id=mid, sender=sender)
     cls = lookup(type_name)
     if cls is None:
@@ -139,6 +183,12 @@ def decode(frame: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
                               detail={"got": version, "supported": cls.version})
     if not isinstance(body, dict):
         raise InvalidBody(f"{type_name} body must be a map", msg_id=mid, sender=sender, type_name=type_name)
+    maps = _maps.get(cls)
+    if maps is None:
+        maps = _maps[cls] = _has_maps(cls, set())
+    if maps and (bad := _bad_key(body)) is not None:
+        raise InvalidBody(f"{type_name} body is invalid: {bad[0]}: map keys must be str, got {bad[1]!r}",
+                          msg_id=mid, sender=sender, type_name=type_name)
     try:
         message = cls.model_validate(body)
     except ValidationError as exc:

@@ -7,7 +7,11 @@
 * `RpcClient` is the blocking Lazy Pirate client (REQ, poll with a timeout, close and reopen
   the socket on timeout, resend the same id a bounded number of times). For tools and tests.
 * `Peer` is the same protocol inside a reactor (DEALER, non-blocking, callbacks), used by agents
-  so that a slow or missing peer never stalls their own loop.
+  so that a slow or missing peer never stalls their own loop; each request keeps its own deadline
+  and attempt count.
+
+Clients raise (or pass to callbacks) only `MeshError`s: a typed error reply, a `timeout`, or a
+garbled reply under the codec's code (a `ProtocolError` never escapes them).
 """
 
 from __future__ import annotations
@@ -314,30 +318,45 @@ class RpcClient:
         self.socket = self._open()
 
     def request(self, message: Message, *, timeout: float | None = None, retries: int | None = None) -> Message:
-        """Sends `message` and returns the reply; raises MeshError for a typed error reply and
-        RequestTimeout when no reply came after every attempt."""
+        """Sends `message` and returns the reply; raises MeshError for a typed error reply or a
+        garbled one (the codec's code: `undecodable`, `too_large`, ...; never a ProtocolError), and
+        RequestTimeout when no reply came after every attempt. `mesh_request_retries_total` counts
+        the resends (at most `retries`)."""
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
         msg_id, frame = encode(message, sender=self.sender)
         started = time.perf_counter()
         for attempt in range(retries + 1):
+            if attempt and self.metrics is not None:
+                self.metrics.retries.inc()
             self.socket.send(frame)
             if self._poller.poll(timeout * 1000):
-                env = decode(self.socket.recv(), max_frame_bytes=self.max_frame_bytes)
+                env = self._receive()
                 if env.cid != msg_id and not (isinstance(env.message, Error) and env.cid == b""):
                     raise MeshError(ErrorCode.UNDECODABLE, "reply does not answer this request (correlation id differs)")
                 if self.metrics is not None:
                     self.metrics.latency(message.type_name, "client", time.perf_counter() - started)
                 return _raise_if_error(env)
             self._reset()
-            if self.metrics is not None:
-                self.metrics.retries.inc()
             log.debug("no reply from %s within %.2fs (attempt %d of %d)", self.endpoint, timeout, attempt + 1, retries + 1)
         raise RequestTimeout(f"no reply from {self.endpoint} after {retries + 1} attempt(s) of {timeout:g}s "
                              f"(is the agent running and the address right?)")
 
+    def _receive(self) -> Envelope:
+        """The reply waiting on the socket; MeshError (with the codec's code) when it is garbled."""
+        frames = self.socket.recv_multipart()
+        try:
+            if len(frames) != 1:
+                raise ProtocolError(f"expected a reply of one frame, got {len(frames)}")
+            return decode(frames[0], max_frame_bytes=self.max_frame_bytes)
+        except ProtocolError as exc:
+            if self.metrics is not None:
+                self.metrics.error(str(exc.code))
+            raise MeshError(exc.code, f"garbled reply: {exc}", exc.detail) from None
+
     def send_raw(self, frames: list[bytes], *, timeout: float | None = None) -> bytes | None:
-        """Sends arbitrary frames and returns the raw reply, or None on timeout. For probes and fuzzing."""
+        """Sends arbitrary frames and returns the raw reply (not decoded: the caller checks it), or None
+        on timeout. For probes and fuzzing."""
         self.socket.send_multipart(frames)
         if self._poller.poll((self.timeout if timeout is None else timeout) * 1000):
             return self.socket.recv()
@@ -367,11 +386,36 @@ class _Pending:
     retries: int
     attempts: int
     started: float
-    timer: Timer | None = None
+    deadline: float = 0.0   # when the current attempt has had its `timeout` (time.monotonic())
+    mark: int = 0           # the Peer's count of frames received when this frame was last sent
+
+
+_COALESCE_S = 0.02  # requests due within this much (at most a tenth of their timeout) are retried together
 
 
 class Peer:
-    """Non-blocking Lazy Pirate client on a reactor: replies and failures arrive as callbacks."""
+    """Non-blocking Lazy Pirate client on a reactor: replies and failures arrive as callbacks.
+
+    Each request has its own deadline and attempt count: an attempt is a send of its frame that
+    starts `timeout` seconds of waiting. When that deadline passes without a reply the request is
+    sent again (the next attempt, counted in `mesh_request_retries_total`), or after `retries + 1`
+    attempts it fails with RequestTimeout; either way `(retries + 1) x timeout` after `request()`
+    at the latest, however many other requests wait on the same peer. One reactor timer, due at
+    the earliest deadline, finds the requests that are due (a scan of the pending ones per expiry,
+    nothing per message); requests due within `_COALESCE_S` of each other are retried together.
+
+    The socket (DEALER) is closed and opened again when a request times out and nothing at all
+    came back on it since that request was sent (the connection may be dead or stuck); if replies
+    do come back, the connection works and only the due requests are resent on it. A fresh socket
+    has lost the old one's queued frames and the replies still on their way, so every other pending
+    request is sent again on it under its own id (the server answers repeats from its reply cache,
+    or once when a deferred reply is ready). That carry-over is not an attempt of theirs: it does
+    not move their deadlines, does not count toward their retries and is not counted in
+    `mesh_request_retries_total`.
+
+    A reply frame that cannot be decoded is counted (`mesh_errors_total{code}`) and logged, and
+    dropped: its correlation id is unreadable, so it cannot fail a request; the request it
+    answered is retried or times out as above."""
 
     def __init__(self, ctx: zmq.Context, reactor: Reactor, endpoint: str, *, sender: str, metrics: MeshMetrics,
                  guard: Guard | None = None, server_host: str | None = None, timeout: float = 2.0, retries: int = 2,
@@ -387,6 +431,8 @@ class Peer:
         self.retries = retries
         self.max_frame_bytes = max_frame_bytes
         self._pending: dict[bytes, _Pending] = {}
+        self._timer: Timer | None = None  # the one timer: due at (or before) the earliest deadline
+        self._received = 0  # frames read from the socket (any socket of this Peer)
         self.socket = self._open()
 
     def _open(self) -> zmq.Socket:
@@ -407,37 +453,68 @@ class Peer:
                      on_failure=on_failure or self._log_failure, timeout=self.timeout if timeout is None else timeout,
                      retries=self.retries if retries is None else retries, attempts=0, started=time.perf_counter())
         self._pending[msg_id] = p
-        self._send(msg_id, p)
+        self._attempt(p, time.monotonic())
+        self._arm(p.deadline)
         self.metrics.message(message.type_name, "out")
         return msg_id
 
-    def _send(self, msg_id: bytes, p: _Pending, *, attempt: bool = True) -> None:
-        if attempt:
-            p.attempts += 1
-        p.timer = self.reactor.call_later(p.timeout, lambda: self._expired(msg_id))
+    def _attempt(self, p: _Pending, now: float) -> None:
+        """Sends `p` as its next attempt: counted, with a new deadline."""
+        p.attempts += 1
+        p.deadline = now + p.timeout
+        self._transmit(p)
+
+    def _transmit(self, p: _Pending) -> None:
+        p.mark = self._received
         try:
             _send_frames(self.socket, [b"", p.frame], _NOBLOCK)
         except zmq.Again:
-            pass  # queue full: the timer treats it as a lost request
+            pass  # queue full: the deadline treats it as a lost request
 
-    def _expired(self, msg_id: bytes) -> None:
-        p = self._pending.get(msg_id)
-        if p is None:
-            return
-        # Lazy Pirate: the socket may be stuck on a dead connection; start a fresh one and resend
-        # everything still outstanding under the same ids (the server answers repeats from its cache).
-        self.reactor.remove_socket(self.socket)
-        self.socket.close(linger=0)
-        self.socket = self._open()
-        if p.attempts > p.retries:
-            del self._pending[msg_id]
+    def _arm(self, when: float) -> None:
+        """Makes sure the timer goes off by `when`."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when <= when:
+                return
+            timer.cancel()
+        self._timer = self.reactor.call_later(max(0.0, when - time.monotonic()), self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        due = [(msg_id, p) for msg_id, p in self._pending.items()
+               if p.deadline <= now + min(_COALESCE_S, p.timeout / 10)]
+        failed: list[_Pending] = []
+        if due:
+            # Lazy Pirate: no frame came back since these were sent, so the connection may be dead or stuck: start
+            # a fresh socket. It has lost everything queued on the old one: carry the others over (not an attempt).
+            reset = any(self._received == p.mark for _, p in due)
+            if reset:
+                self.reactor.remove_socket(self.socket)
+                self.socket.close(linger=0)
+                self.socket = self._open()
+            resent = set()
+            for msg_id, p in due:
+                if p.attempts > p.retries:
+                    del self._pending[msg_id]
+                    failed.append(p)
+                    continue
+                self.metrics.retries.inc()
+                log.debug("no reply from %s to %s within %.2fs (attempt %d of %d)", self.endpoint, p.type_name,
+                          p.timeout, p.attempts, p.retries + 1)
+                self._attempt(p, now)
+                resent.add(msg_id)
+            if reset:
+                for msg_id, p in self._pending.items():
+                    if msg_id not in resent:
+                        self._transmit(p)
+        if self._pending:
+            self._arm(min(p.deadline for p in self._pending.values()))
+        for p in failed:   # last: a callback may send new requests, or close the Peer
             self.metrics.error("timeout")
-            p.on_failure(RequestTimeout(f"no reply from {self.endpoint} to {p.type_name} after {p.attempts} attempt(s)"))
-        for other_id, other in list(self._pending.items()):
-            if other.timer is not None:
-                other.timer.cancel()
-            self.metrics.retries.inc()
-            self._send(other_id, other, attempt=other_id == msg_id)
+            p.on_failure(RequestTimeout(f"no reply from {self.endpoint} to {p.type_name} after {p.attempts} attempt(s) "
+                                        f"of {p.timeout:g}s"))
 
     def _on_readable(self) -> None:
         for _ in range(256):
@@ -445,17 +522,16 @@ class Peer:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._received += 1
             try:
                 env = decode(frames[-1], max_frame_bytes=self.max_frame_bytes)
-            except ProtocolError as exc:
+            except ProtocolError as exc:  # no readable cid: see the class docstring
                 self.metrics.error(str(exc.code))
-                log.warning("undecodable reply from %s: %s", self.endpoint, exc)
+                log.warning("garbled reply from %s (dropped): %s: %s", self.endpoint, exc.code, exc)
                 continue
             p = self._pending.pop(env.cid, None)
             if p is None:
                 continue  # a late answer to a request already retried and answered, or failed
-            if p.timer is not None:
-                p.timer.cancel()
             self.metrics.message(env.message.type_name, "in")
             self.metrics.latency(p.type_name, "client", time.perf_counter() - p.started)
             try:
@@ -470,9 +546,7 @@ class Peer:
         them (the twin saw it die or restart), rather than waiting for each one's timeout. Replies that still come
         to them are dropped. Returns how many were failed."""
         pending, self._pending = self._pending, {}
-        for p in pending.values():
-            if p.timer is not None:
-                p.timer.cancel()
+        self._disarm()
         for p in pending.values():   # a callback may send new requests: they are not among these
             p.on_failure(exc)
         return len(pending)
@@ -480,10 +554,13 @@ class Peer:
     def _log_failure(self, exc: MeshError) -> None:
         log.warning("request to %s failed: %s", self.endpoint, exc)
 
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def close(self) -> None:
-        for p in self._pending.values():
-            if p.timer is not None:
-                p.timer.cancel()
+        self._disarm()
         self._pending.clear()
         self.reactor.remove_socket(self.socket)
         self.socket.close(linger=0)

@@ -1,7 +1,8 @@
 """Health probe: `python -m ops.health NAME... [--config FILE]`.
 
 Asks the agent itself (not the twin) for its state; exits 0 only when it is ready, 1 when it
-answers in any other state, 2 when it does not answer. Usable as a container HEALTHCHECK.
+answers in any other state, 2 when it does not answer or its answer is not a pong (an error, a
+garbled frame): one line per agent, never a traceback. Usable as a container HEALTHCHECK.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import sys
 
 from mesh.config import ConfigError, load_config
 from mesh.control import client
-from network.messages import AgentState, Ping
-from network.rpc import MeshError
+from network.messages import AgentState, Ping, Pong
+from network.rpc import MeshError, RequestTimeout
 from network.security import MissingKey
 
 
@@ -36,8 +37,12 @@ def probe(config_path: str, agent: str, *, timeout: float = 2.0, allow_degraded:
             pong = c.request(Ping())
     except MissingKey as exc:
         return 2, f"{agent}: {exc}"
-    except MeshError as exc:
+    except RequestTimeout as exc:
         return 2, f"{agent}: no answer from {config.endpoint(agent)}: {exc.message}"
+    except MeshError as exc:   # an error reply, or a garbled one (`undecodable`, `too_large`, ...)
+        return 2, f"{agent}: bad answer from {config.endpoint(agent)}: {exc.code}: {exc.message}"
+    if not isinstance(pong, Pong):
+        return 2, f"{agent}: bad answer from {config.endpoint(agent)}: {pong.type_name} instead of {Pong.type_name}"
     ok = {AgentState.READY} | ({AgentState.DEGRADED} if allow_degraded else set())
     code = 0 if pong.state in ok else 1
     return code, f"{agent}: {pong.state} (pid {pong.pid}, up {pong.uptime_s:.0f}s)"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+import zmq
 
 from mesh.config import MeshConfig
 from mesh.runtime import resolve
@@ -180,3 +181,42 @@ class MeshUp:
         """SIGINT, like Ctrl-C, then `wait`."""
         self.interrupt()
         return self.wait(timeout)
+
+
+class GarbledServer:
+    """A ROUTER bound at `endpoint`, on a thread, that answers every request with `reply` (by default a frame
+    that is not msgpack): what clients do with a garbled reply. `requests` counts what it answered."""
+
+    def __init__(self, endpoint: str, reply: Sequence[bytes] = (b"\xc1 not a mesh frame",)):
+        self.reply = list(reply)
+        self.requests = 0
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.bind(endpoint)
+        self.endpoint = self.socket.last_endpoint.decode()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="garbled-server", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.socket.poll(20):
+                    frames = self.socket.recv_multipart()
+                    head = frames[:2] if len(frames) > 2 and frames[1] == b"" else frames[:1]
+                    self.socket.send_multipart(head + self.reply)
+                    self.requests += 1
+        finally:
+            self.socket.close(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.ctx.term()
+
+    def __enter__(self) -> GarbledServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -78,7 +78,7 @@ def problems(data) -> str:
     (cfg(groups__far__agents=[]), "agents.y", "in no group"),
     (cfg(groups__far__agents=["y", "ghost"]), "groups.far.agents[1]", "'ghost' is not declared"),
     (cfg(agents__x__endpoints={"rpc": 7000}, agents__twin__endpoints={"pub": 7000}),
-     "agents.x.endpoints.rpc", "port 7000 on host 'a' is already used by twin.pub"),
+     "agents.x.endpoints.rpc", "port 7000 on host 'a' is used by twin.pub and x.rpc"),
     (cfg(agents__x__kind="digital_twin"), "agents", "exactly one agent of kind 'digital_twin'"),
     (cfg(agents__twin__depends_on=["x"]), "agents.twin.depends_on", "cannot depend on other agents"),
     (cfg(agents__x__colour="red"), "agents.x.colour", "Extra inputs are not permitted"),

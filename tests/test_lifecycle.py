@@ -3,6 +3,9 @@ twin restarts, draining. Agents run on threads of the test process with real soc
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -18,7 +21,8 @@ from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
 from network.rpc import MeshError
 from ops.health import probe
-from testing.harness import mesh_dict, wait_for
+from ops.meshctl.run import StatusTick
+from testing.harness import ROOT, GarbledServer, mesh_dict, wait_for
 
 
 def states(config) -> dict[str, str]:
@@ -175,6 +179,44 @@ def test_health_probe_for_an_agent_that_is_not_running(write_config):
     code, text = probe(str(path), "a", timeout=0.3)
     assert code == 2 and "no answer" in text
     assert probe(str(path), "nobody")[0] == 2
+
+
+def test_health_probe_reports_a_garbled_reply_in_one_line(write_config):
+    """`python -m ops.health` against an agent port that answers garbage: one line naming the problem, exit 2,
+    no traceback (a ProtocolError used to escape RpcClient.request)."""
+    path, cfg = write_config(mesh_dict({"a": {"kind": "echo"}}))
+    with GarbledServer(cfg.bind_endpoint("a")) as srv:
+        run = subprocess.run([sys.executable, "-m", "ops.health", "a", "--config", str(path), "--timeout", "5"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert srv.requests == 1
+    assert run.returncode == 2, run
+    assert run.stdout == "" and "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("a: bad answer from ") and "undecodable" in lines[0], lines
+
+
+def test_up_status_tick_survives_a_garbled_twin_reply(write_config, run_agents, caplog):
+    """`meshctl up`'s status tick, as the supervisor's loop calls it: a garbled reply from the twin's port is one
+    warning line (once, not every second), never an exception; a real twin then gives the usual summary line."""
+    _, cfg = write_config(mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]}}))
+    tick = StatusTick(cfg, {"twin", "a"})
+    try:
+        with caplog.at_level(logging.INFO, logger="meshctl.up"):
+            with GarbledServer(cfg.bind_endpoint("twin")) as srv:
+                for _ in range(2):
+                    tick.next = 0.0   # not a second later: ask now
+                    tick()
+                assert srv.requests == 2
+            bad = [r.getMessage() for r in caplog.records if r.name == "meshctl.up"]
+            assert len(bad) == 1 and "bad reply" in bad[0] and "undecodable" in bad[0], bad
+            assert "\n" not in bad[0]
+            caplog.clear()
+            run_agents(cfg, "twin", "a")
+            wait_for(lambda: setattr(tick, "next", 0.0) or tick() or any(
+                "mesh test: ready, 2/2 agents ready" in r.getMessage() for r in caplog.records),
+                what="the summary line")
+    finally:
+        tick.close()
 
 
 def test_waiting_agent_registers_again_with_a_restarted_twin(write_config, run_agents):

@@ -16,7 +16,7 @@ from network.metrics import MeshMetrics
 from network.pubsub import Publisher, Subscriber
 from network.reactor import Reactor
 from network.rpc import MeshError, Peer, RequestTimeout, RpcClient, RpcServer
-from testing.harness import free_port_block, wait_for
+from testing.harness import GarbledServer, free_port_block, wait_for
 
 
 class ServerThread:
@@ -242,6 +242,96 @@ def test_peer_fail_pending_fails_the_waiting_requests_at_once_and_drops_late_rep
     peer.close()
     router.close(linger=0)
     ctx.term()
+
+
+def _silent_router(ctx):
+    """A bound ROUTER that never answers: a peer that is up (TCP connects) and silent."""
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    return router, f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+
+def _run_until(reactor, done, limit):
+    deadline = time.monotonic() + limit
+    while not done() and time.monotonic() < deadline:
+        reactor.run_once()
+
+
+def test_peer_requests_to_a_silent_peer_each_fail_after_their_own_attempts():
+    """A full hand-off window (16) to a silent peer: every request fails after (retries + 1) x timeout, not one per
+    period (the old Peer resent all the others on each timeout and re-armed their timers: the last failed after
+    about 16 x 3 x 0.3 s), and only the real resends are counted: 16 x retries."""
+    ctx = zmq.Context()
+    reactor = Reactor(max_wait=0.01)
+    router, endpoint = _silent_router(ctx)
+    metrics = MeshMetrics("cli", "test")
+    timeout, retries = 0.3, 2
+    peer = Peer(ctx, reactor, endpoint, sender="cli", metrics=metrics, timeout=timeout, retries=retries)
+    failed = {}
+    t0 = time.monotonic()
+    for i in range(16):
+        peer.request(Echo(seq=i), lambda m: None, lambda e, i=i: failed.setdefault(i, (e, time.monotonic() - t0)))
+    _run_until(reactor, lambda: len(failed) == 16, (retries + 1) * timeout + 3.0)
+    assert sorted(failed) == list(range(16)), f"{len(failed)} of 16 failed in time"
+    assert all(isinstance(e, RequestTimeout) and "after 3 attempt(s)" in str(e) for e, _ in failed.values())
+    took = max(t for _, t in failed.values())
+    assert (retries + 1) * timeout - 0.05 <= took <= (retries + 1) * timeout + 0.5, took
+    assert metrics.sample("mesh_request_retries_total") == 16 * retries
+    assert metrics.sample("mesh_errors_total", {"code": "timeout"}) == 16
+    assert peer.pending == 0
+    peer.close()
+    router.close()
+    ctx.term()
+
+
+def test_peer_resend_for_one_request_is_not_an_attempt_of_the_others():
+    """Requests sent at different times to a silent peer: the socket reset for the first carries the second over to
+    the new socket, but does not move its deadline or use up its retries."""
+    ctx = zmq.Context()
+    reactor = Reactor(max_wait=0.01)
+    router, endpoint = _silent_router(ctx)
+    metrics = MeshMetrics("cli", "test")
+    peer = Peer(ctx, reactor, endpoint, sender="cli", metrics=metrics, timeout=0.3, retries=1)
+    failed = {}
+    t0 = time.monotonic()
+    peer.request(Echo(seq=0), lambda m: None, lambda e: failed.setdefault(0, time.monotonic() - t0))
+    _run_until(reactor, lambda: False, 0.15)
+    t1 = time.monotonic()
+    peer.request(Echo(seq=1), lambda m: None, lambda e: failed.setdefault(1, time.monotonic() - t1))
+    _run_until(reactor, lambda: len(failed) == 2, 3.0)
+    assert 0.55 <= failed[0] <= 0.9 and 0.55 <= failed[1] <= 0.9, failed
+    assert metrics.sample("mesh_request_retries_total") == 2
+    peer.close()
+    router.close()
+    ctx.term()
+
+
+@pytest.mark.parametrize("reply, code", [
+    ([b"\xc1 not msgpack"], "undecodable"),
+    ([msgpack.packb([1, 2, 3])], "undecodable"),
+    ([b"one", b"two"], "undecodable"),
+    ([b"x" * 5000], "too_large"),
+], ids=["not-msgpack", "not-an-envelope", "two-frames", "too-large"])
+def test_client_turns_a_garbled_reply_into_a_mesh_error(reply, code):
+    metrics = MeshMetrics("cli", "test")
+    with GarbledServer("tcp://127.0.0.1:*", reply) as srv:
+        with RpcClient(srv.endpoint, timeout=2, retries=0, max_frame_bytes=4096, metrics=metrics) as c:
+            with pytest.raises(MeshError) as info:
+                c.request(Echo(seq=1))
+            assert info.value.code == code and "garbled reply" in info.value.message
+            assert not isinstance(info.value, RequestTimeout)
+            with pytest.raises(MeshError):   # the socket is still usable: a second request gets its answer too
+                c.request(Echo(seq=2))
+        assert srv.requests == 2
+    assert metrics.sample("mesh_errors_total", {"code": code}) == 2
+
+
+def test_client_counts_only_real_resends():
+    metrics = MeshMetrics("cli", "test")
+    with RpcClient(f"tcp://127.0.0.1:{free_port_block(1)}", timeout=0.05, retries=2, metrics=metrics) as c:
+        with pytest.raises(RequestTimeout):
+            c.request(Echo())
+    assert metrics.sample("mesh_request_retries_total") == 2
 
 
 def test_pubsub_topics_and_prefixes():

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pydantic import Field, model_validator
 
 from agents.twin.dashboard import Dashboard
+from mesh.config import MeshSettings
 from mesh.messages import (
     AgentStats,
     AgentStatus,
@@ -50,6 +51,19 @@ from network.rpc import MeshError
 
 LIVE = (AgentState.STARTING, AgentState.WAITING, AgentState.READY, AgentState.DEGRADED, AgentState.DRAINING)
 SILENT = (AgentState.DEAD, AgentState.UNREACHABLE)
+# The states an agent may report: a register while it starts, waits or runs (again, after the twin restarted), a
+# heartbeat only while it runs. The rest are the twin's to set (declared, dead, unreachable, and stopped on
+# twin.deregister), or never shown (draining: a draining agent sends neither), so they are refused as invalid_body.
+REGISTER_STATES = (AgentState.STARTING, AgentState.WAITING, *READY_STATES)
+HEARTBEAT_STATES = READY_STATES
+
+
+def _reported(msg: Register | Heartbeat, allowed: tuple[AgentState, ...]) -> AgentState:
+    state = AgentState(msg.state)
+    if state not in allowed:
+        raise MeshError(ErrorCode.INVALID_BODY, f"{msg.type_name} body is invalid: state: {state.value!r} is not a "
+                        f"state an agent reports in {msg.type_name} (one of {', '.join(a.value for a in allowed)})")
+    return state
 
 
 @dataclass
@@ -105,6 +119,10 @@ class TwinSettings(AgentSettings):
     loading_grace_s: float = Field(120.0, ge=0, description="How long an agent may be silent after it was told its "
                                    "dependencies are ready (its on_ready loads models on its own thread) before it "
                                    "counts as dead; a crash meanwhile is still seen at once by its restart")
+
+    def extra_ports(self, mesh: MeshSettings) -> dict[str, int]:
+        """The dashboard's port, reserved by the config on the twin's host (none with dashboard: false)."""
+        return {"dashboard": self.dashboard_port or mesh.base_port + 80} if self.dashboard else {}
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "TwinSettings":
@@ -166,7 +184,7 @@ class DigitalTwin(Agent):
         self.dead_after = interval * cfg.mesh.dead_after_missed
         self.reactor.every(interval / 4, self._sweep)
         if s.dashboard:
-            port = (s.dashboard_port or cfg.mesh.base_port + 80) + cfg.mesh.port_offset
+            port = s.extra_ports(cfg.mesh)["dashboard"] + cfg.mesh.port_offset   # as the config reserved it
             try:
                 self.dashboard = Dashboard(s.dashboard_bind, port, token=s.dashboard_token, log=self.log,
                                            history_len=s.history_len)
@@ -193,6 +211,7 @@ class DigitalTwin(Agent):
     @handles(Register)
     def register(self, msg: Register, env: Envelope) -> Registered:
         rec = self._record(msg.agent)
+        reported = _reported(msg, REGISTER_STATES)
         reason = "registered"
         if rec.instance is not None and rec.instance != msg.instance:
             rec.restarts += 1
@@ -209,7 +228,7 @@ class DigitalTwin(Agent):
             rec.loading_since = None
         rec.instance, rec.pid, rec.last_seen = msg.instance, msg.pid, time.monotonic()
         rec.kind_name = msg.kind
-        rec.reported = AgentState(msg.state)
+        rec.reported = reported
         self._heard_from(rec.host)
         rec.waiting_on = self._waiting_on(rec)
         self._refresh(rec, reason)
@@ -219,10 +238,11 @@ class DigitalTwin(Agent):
     @handles(Heartbeat)
     def heartbeat(self, msg: Heartbeat, env: Envelope) -> HeartbeatAck:
         rec = self._record(msg.agent)
+        reported = _reported(msg, HEARTBEAT_STATES)
         if rec.instance != msg.instance or rec.state == AgentState.STOPPED:
             return HeartbeatAck(registered=False)
         rec.last_seen = time.monotonic()
-        rec.reported, rec.stats, rec.detail = AgentState(msg.state), msg.stats, msg.detail
+        rec.reported, rec.stats, rec.detail = reported, msg.stats, msg.detail
         rec.loading_since = None
         self._rates(rec, msg.stats)
         self._heard_from(rec.host)

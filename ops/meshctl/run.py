@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container
 from typing import Optional
 
 import typer
@@ -11,18 +12,71 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from mesh.config import ConfigError
-from mesh.control import client, fetch_status
-from mesh.messages import StatusRequest
+from mesh.config import ConfigError, MeshConfig
+from mesh.control import client, fetch_status, request_status
 from mesh.runtime import check_kinds
 from mesh.supervisor import Supervisor
-from network.rpc import MeshError
+from network.rpc import MeshError, RequestTimeout, RpcClient
 from network.security import MissingKey
 from ops.meshctl.common import ConfigOpt, HostOpt, JsonOpt, config_error, console, err, load
 
 STATE_STYLE = {"ready": "green", "degraded": "yellow", "waiting": "cyan", "starting": "cyan", "dead": "bold red",
                "stopped": "dim", "declared": "dim", "draining": "yellow", "unreachable": "bold red",
                "reachable": "green", "local": "green", "unknown": "dim"}
+
+
+class StatusTick:
+    """`up`'s status line, called from the supervisor's loop: asks the twin at most once a second and logs a
+    line when the summary for this host's agents changes. Never raises, so `up` keeps running whatever the twin
+    answers: a twin that does not answer is reported once (if it runs here, after 10 s), an error or garbled
+    reply once per error code, on one line; a missing key once, and then the tick stops asking."""
+
+    def __init__(self, cfg: MeshConfig, children: Container[str], *, started: float | None = None):
+        self.cfg = cfg
+        self.children = children   # the agents this host runs (names)
+        self.started = time.monotonic() if started is None else started
+        self.reported: str | None = None
+        self.next = 0.0
+        self.twin: RpcClient | None = None
+        self.log = logging.getLogger("meshctl.up")
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + 1.0
+        cfg = self.cfg
+        try:
+            if self.twin is None:
+                self.twin = client(cfg, cfg.twin, timeout=0.5, sender="meshctl-up")
+            status = request_status(self.twin)
+        except MissingKey as exc:
+            self.log.error("%s", exc)
+            self.next = float("inf")
+            return
+        except RequestTimeout:
+            if cfg.twin in self.children and now - self.started > 10 and self.reported != "unreachable":
+                self.log.warning("the twin is not answering at %s", cfg.endpoint(cfg.twin))
+                self.reported = "unreachable"
+            return
+        except MeshError as exc:   # an error reply, or a garbled one (`undecodable`, `too_large`, ...)
+            if self.reported != f"error {exc.code}":
+                self.log.warning("the twin at %s sent a bad reply to its status request: %s: %s",
+                                 cfg.endpoint(cfg.twin), exc.code, exc.message)
+                self.reported = f"error {exc.code}"
+            return
+        mine = [a for a in status.agents if a.agent in self.children]
+        summary = status.mesh_state if all(a.state in ("ready", "degraded") for a in mine) else "starting"
+        if summary != self.reported:
+            ready = sum(a.state == "ready" for a in status.agents)
+            self.log.info("mesh %s: %s, %d/%d agents ready (%.1fs); `meshctl status` for the table",
+                          cfg.mesh.name, summary, ready, len(status.agents), now - self.started)
+            self.reported = summary
+
+    def close(self) -> None:
+        if self.twin is not None:
+            self.twin.close()
+            self.twin = None
 
 
 def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
@@ -47,36 +101,7 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
     except (ValueError, ConfigError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    started = time.monotonic()
-    state = {"reported": None, "next": 0.0, "twin": None}
-    twin_here = cfg.twin in sup.children
-
-    def tick() -> None:
-        now = time.monotonic()
-        if now < state["next"]:
-            return
-        state["next"] = now + 1.0
-        try:
-            if state["twin"] is None:
-                state["twin"] = client(cfg, cfg.twin, timeout=0.5, sender="meshctl-up")
-            status = state["twin"].request(StatusRequest())
-        except MissingKey as exc:
-            logging.getLogger("meshctl.up").error("%s", exc)
-            state["next"] = float("inf")
-            return
-        except MeshError:
-            if twin_here and now - started > 10 and state["reported"] != "unreachable":
-                logging.getLogger("meshctl.up").warning("the twin is not answering at %s", cfg.endpoint(cfg.twin))
-                state["reported"] = "unreachable"
-            return
-        mine = [a for a in status.agents if a.agent in sup.children]
-        summary = status.mesh_state if all(a.state in ("ready", "degraded") for a in mine) else "starting"
-        if summary != state["reported"]:
-            ready = sum(a.state == "ready" for a in status.agents)
-            logging.getLogger("meshctl.up").info("mesh %s: %s, %d/%d agents ready (%.1fs); `meshctl status` for the table",
-                                                 cfg.mesh.name, summary, ready, len(status.agents), now - started)
-            state["reported"] = summary
-
+    tick = StatusTick(cfg, sup.children)
     err.print(f"mesh [bold]{cfg.mesh.name}[/]: host [bold]{sup.host}[/], {len(sup.children)} agent(s), "
               f"logs in {sup.log_dir}/ (`meshctl logs -f`); Ctrl-C stops")
     try:
@@ -84,8 +109,7 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
     except ConfigError as exc:
         raise config_error(exc) from None
     finally:
-        if state["twin"] is not None:
-            state["twin"].close()
+        tick.close()
 
 
 def status(config: str = ConfigOpt, as_json: bool = JsonOpt,
@@ -129,7 +153,8 @@ def status(config: str = ConfigOpt, as_json: bool = JsonOpt,
 
 
 def plan(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
-    """Print the start-up order: levels of agents, each depending only on earlier levels."""
+    """Print the start-up order: levels of agents, each depending only on earlier levels, with every port each
+    agent binds (rpc, pub, metrics, and those its kind declares, such as the twin's dashboard)."""
     cfg = load(config, host)
     for i, level in enumerate(cfg.start_order(), 1):
         parts = []
@@ -137,7 +162,8 @@ def plan(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
             spec = cfg.agents[a]
             deps = f" <- {', '.join(spec.depends_on)}" if spec.depends_on else ""
             opt = " (optional)" if not spec.required else ""
-            parts.append(f"{a} [{spec.kind} @ {cfg.host_of(a)}/{cfg.group_of(a)}, rpc :{cfg.port(a, 'rpc')}]{opt}{deps}")
+            ports = ", ".join(f"{which} :{port}" for which, port in cfg.ports(a).items())
+            parts.append(f"{a} [{spec.kind} @ {cfg.host_of(a)}/{cfg.group_of(a)}, {ports}]{opt}{deps}")
         console.print(f"[bold]{i}.[/] " + escape("\n   ".join(parts)))
 
 

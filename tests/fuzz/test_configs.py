@@ -89,7 +89,7 @@ BROKEN: list[tuple[str, bytes | str, str, str]] = [
      "agents.a.depends_on", "dependency cycle: a -> b -> a"),
     ("port-clash", VALID.replace("twin: {kind: digital_twin}", "twin: {kind: digital_twin, endpoints: {rpc: 7300}}")
      .replace("a: {kind: echo,", "a: {kind: echo, endpoints: {pub: 7300},"), "agents.a.endpoints.pub",
-     "port 7300 on host 'local' is already used by twin.rpc"),
+     "port 7300 on host 'local' is used by twin.rpc and a.pub"),
     ("port-out-of-range", VALID.replace("a: {kind: echo,", "a: {kind: echo, endpoints: {rpc: 70000},"),
      "agents.a.endpoints.rpc", "less than or equal to 65535"),
     ("unset-variable", VALID.replace("127.0.0.1", "'${FUZZ_NO_SUCH_VARIABLE}'"), "hosts.local.address",
