@@ -4,6 +4,7 @@ twin restarts, draining. Agents run on threads of the test process with real soc
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -193,6 +194,20 @@ def test_health_probe_reports_a_garbled_reply_in_one_line(write_config):
     assert run.stdout == "" and "Traceback" not in run.stderr, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("a: bad answer from ") and "undecodable" in lines[0], lines
+
+
+def test_meshctl_status_reports_a_garbled_twin_reply_as_a_bad_answer(write_config):
+    """`meshctl status` against a twin port that answers garbage: not "the twin does not answer" (it did), but
+    the codec's code in one line, exit 1, no traceback."""
+    path, cfg = write_config(mesh_dict({"a": {"kind": "echo"}}))
+    with GarbledServer(cfg.bind_endpoint("twin")) as srv:
+        run = subprocess.run([sys.executable, "-m", "ops.meshctl", "status", "--config", str(path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="300"))
+        assert srv.requests >= 1
+    assert run.returncode == 1, run
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad answer from the twin" in lines[0] and "undecodable" in lines[0], lines
 
 
 def test_up_status_tick_survives_a_garbled_twin_reply(write_config, run_agents, caplog):

@@ -122,9 +122,12 @@ def status(config: str = ConfigOpt, as_json: bool = JsonOpt,
         except MissingKey as exc:
             err.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2) from None
-        except MeshError as exc:
+        except RequestTimeout as exc:
             err.print(f"[bold red]the twin does not answer[/] at {cfg.endpoint(cfg.twin)}: {exc.message}\n"
                       f"  is the mesh running? start it with `meshctl up --config {config}`")
+            raise typer.Exit(1) from None
+        except MeshError as exc:
+            err.print(f"[bold red]bad answer from the twin[/] at {cfg.endpoint(cfg.twin)}: {exc.code}: {exc.message}")
             raise typer.Exit(1) from None
         if as_json:
             print(reply.model_dump_json(indent=2))
