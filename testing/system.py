@@ -49,10 +49,11 @@ def apt_line(*packages: str) -> str:
     return f"apt-get install -y {' '.join(packages)}"
 
 
-def reason(probe: str) -> str:
-    """Why a test that needs `probe` (a command, path or package named in scripts/debian-packages) cannot run."""
+def reason(probe: str, command: str | None = None) -> str:
+    """Why a test that needs `probe` (a command, path or package named in scripts/debian-packages) cannot run;
+    `command`: another command of the same package that is missing."""
     r = REQUIREMENTS[probe]
-    what = f"`{r.probe}`" if not r.probe.startswith("/") else r.probe
+    what = f"`{command or r.probe}`" if not r.probe.startswith("/") else r.probe
     return f"{what} is missing ({r.why}): {apt_line(r.package)} (scripts/test installs it when run as root)"
 
 

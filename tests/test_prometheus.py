@@ -43,7 +43,7 @@ from tests.services import free_port
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        missing(f"`{name}` is missing: {reason('prometheus')}")
+        missing(reason("prometheus", command=name))
     return path
 
 
