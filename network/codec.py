@@ -190,9 +190,10 @@ def decode(frame: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
         raise InvalidBody(f"{type_name} body is invalid: {bad[0]}: map keys must be str, got {bad[1]!r}",
                           msg_id=mid, sender=sender, type_name=type_name)
     try:
-        message = cls.model_validate(body)
+        # what cls.model_validate(body) does, without its keyword-argument plumbing (~0.3 us)
+        message = cls.__pydantic_validator__.validate_python(body)
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors()[:10]]
         raise InvalidBody(f"{type_name} body is invalid: {'; '.join(problems)}", msg_id=mid, sender=sender,
                           type_name=type_name) from None
-    return Envelope(message=message, id=mid, cid=cid, sender=sender, ts=float(ts))
+    return Envelope(message, mid, cid, sender, float(ts))

@@ -7,15 +7,18 @@ a dict lookup, not a label resolution.
 
 from __future__ import annotations
 
+import bisect
 import sys
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 from prometheus_client import Enum as EnumMetric
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from network.messages import AgentState
 
@@ -28,13 +31,14 @@ class MeshMetrics:
         self.started = time.time()
         labels = {"agent": agent, "kind": kind}
         r = self.registry
-        # Message and error counts are plain dict entries, read at scrape time: a prometheus
-        # Counter takes a lock per increment, which is a large part of a small message's cost.
+        # Message and error counts, and the latency histogram's buckets, are plain dict entries read
+        # at scrape time: a prometheus Counter takes a lock per increment, and Histogram.observe a
+        # lock and a walk over its buckets, a large part of a small message's cost.
         self._message_counts: dict[tuple[str, str], int] = {}
         self._error_counts: dict[str, int] = {}
+        # (type, side) -> [count per bucket (the last one +Inf, not cumulative), sum, created]
+        self._latencies: dict[tuple[str, str], list] = {}
         r.register(_CountsCollector(self))
-        self._latency = Histogram("mesh_request_latency_seconds", "Request handling time (server) and round trip (client)",
-                                  ["type", "side"], buckets=LATENCY_BUCKETS, registry=r)
         self._auth_refused = Counter("mesh_auth_refused", "Connections refused by CURVE authentication, by reason",
                                      ["reason"], registry=r)
         self.dropped = Counter("mesh_pubsub_dropped", "Published frames dropped by a subscriber, by error code",
@@ -47,7 +51,6 @@ class MeshMetrics:
         uptime.set_function(lambda: time.time() - self.started)
         self.state = EnumMetric("mesh_agent_state", "Lifecycle state of the agent", states=[s.value for s in AgentState],
                                 registry=r)
-        self._lat_children: dict[tuple[str, str], object] = {}
         self.messages_in = 0
         self.messages_out = 0
         self.errors = 0
@@ -67,11 +70,11 @@ class MeshMetrics:
         self.errors += 1
 
     def latency(self, type_name: str, side: str, seconds: float) -> None:
-        key = (type_name, side)
-        child = self._lat_children.get(key)
-        if child is None:
-            child = self._lat_children[key] = self._latency.labels(type_name, side)
-        child.observe(seconds)
+        entry = self._latencies.get((type_name, side))
+        if entry is None:
+            entry = self._latencies[(type_name, side)] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0, time.time()]
+        entry[0][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1   # bucket `le`: the first bound >= seconds
+        entry[1] += seconds
 
     def auth_refused(self, reason: str) -> None:
         self._auth_refused.labels(reason).inc()
@@ -83,8 +86,15 @@ class MeshMetrics:
         return value or 0.0
 
 
+_LATENCY_NAME = "mesh_request_latency_seconds"
+_LATENCY_HELP = "Request handling time (server) and round trip (client)"
+_LATENCY_LE = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+
+
 class _CountsCollector:
-    """Exposes MeshMetrics' plain counts as the counters mesh_messages_total and mesh_errors_total."""
+    """Exposes MeshMetrics' plain counts as the counters mesh_messages_total and mesh_errors_total, and
+    its latency buckets as the histogram mesh_request_latency_seconds (the samples, `_created` included,
+    that a prometheus_client Histogram with the labels type and side would give)."""
 
     def __init__(self, metrics: MeshMetrics):
         self.metrics = metrics
@@ -92,7 +102,8 @@ class _CountsCollector:
     def describe(self):
         return [CounterMetricFamily("mesh_messages", "Messages sent and received, by type and direction",
                                     labels=["type", "direction"]),
-                CounterMetricFamily("mesh_errors", "Frames or requests that failed, by error code", labels=["code"])]
+                CounterMetricFamily("mesh_errors", "Frames or requests that failed, by error code", labels=["code"]),
+                HistogramMetricFamily(_LATENCY_NAME, _LATENCY_HELP, labels=["type", "side"])]
 
     def collect(self):
         messages = CounterMetricFamily("mesh_messages", "Messages sent and received, by type and direction",
@@ -102,8 +113,17 @@ class _CountsCollector:
         errors = CounterMetricFamily("mesh_errors", "Frames or requests that failed, by error code", labels=["code"])
         for code, n in list(self.metrics._error_counts.items()):
             errors.add_metric([code], n)
+        latency = HistogramMetricFamily(_LATENCY_NAME, _LATENCY_HELP, labels=["type", "side"])
+        for (type_name, side), (counts, total, created) in list(self.metrics._latencies.items()):
+            cumulative, n = [], 0
+            for le, c in zip(_LATENCY_LE, list(counts)):
+                n += c
+                cumulative.append((le, n))
+            latency.add_metric([type_name, side], cumulative, total)
+            latency.samples.append(Sample(f"{_LATENCY_NAME}_created", {"type": type_name, "side": side}, created))
         yield messages
         yield errors
+        yield latency
 
 
 METRICS_REQUEST_TIMEOUT_S = 10.0

@@ -21,12 +21,13 @@ from zmq.utils.monitor import parse_monitor_message
 from network.codec import DEFAULT_MAX_FRAME_BYTES, Envelope, ProtocolError, decode, encode
 from network.messages import ErrorCode, Message
 from network.metrics import MeshMetrics
-from network.rpc import BoundSocket, _hard_limit
+from network.rpc import BoundSocket, _hard_limit, _recv_frames
 from network.security import Guard
 
 log = logging.getLogger(__name__)
 
 _SNDMORE = int(zmq.SNDMORE)  # a plain int: pyzmq's send_multipart spends ~1 us a message on checks and enum flags
+_NOBLOCK = int(zmq.NOBLOCK)
 # A PUB socket only ever receives subscriptions (a topic prefix each). Without a cap, libzmq reads a
 # subscription of any size into memory and keeps it in the socket's subscription trie.
 MAX_SUBSCRIPTION_BYTES = 4096
@@ -42,6 +43,7 @@ class Publisher(BoundSocket):
     def __init__(self, ctx: zmq.Context, bind: str, *, sender: str, metrics: MeshMetrics, guard: Guard | None = None,
                  sndhwm: int = 100_000):
         self.sender = sender
+        self._topics: dict[str, bytes] = {}   # topic -> its UTF-8 bytes (a few distinct topics, sent per message)
         self._bind(ctx, zmq.PUB, guard, metrics)
         self.socket.sndhwm = sndhwm
         self.socket.maxmsgsize = MAX_SUBSCRIPTION_BYTES   # a longer one drops that subscriber's connection
@@ -53,8 +55,14 @@ class Publisher(BoundSocket):
 
     def publish(self, message: Message, topic: str | None = None) -> None:
         _, frame = encode(message, sender=self.sender)
+        topic = topic or message.type_name
+        topic_bytes = self._topics.get(topic)
+        if topic_bytes is None:
+            topic_bytes = topic.encode()
+            if len(self._topics) < 1024:   # per-message topics (`echo.<seq>`) are encoded each time
+                self._topics[topic] = topic_bytes
         send = self.socket.send
-        send((topic or message.type_name).encode(), _SNDMORE)
+        send(topic_bytes, _SNDMORE)
         send(frame)
         self.metrics.message(message.type_name, "out")
 
@@ -143,7 +151,7 @@ class Subscriber:
         handled = 0
         for _ in range(limit):
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = _recv_frames(self.socket, _NOBLOCK)
             except zmq.Again:
                 break
             handled += 1
