@@ -48,7 +48,8 @@ def script(env, *args, timeout=900) -> subprocess.CompletedProcess:
 
 
 def podman(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *shlex.split(env["MESH_PODMAN_OPTS"]), *args], capture_output=True, text=True)
+    return subprocess.run(["podman", *shlex.split(env["MESH_PODMAN_OPTS"]), *args], env=env, capture_output=True,
+                          text=True)
 
 
 def local_config(env):
