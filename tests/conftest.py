@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,37 @@ from mesh.config import MeshConfig, load_config
 from testing.harness import AgentThread, MeshUp, wait_for
 
 pytest_plugins = ["tests.services"]  # real PostgreSQL and Redis servers (fixtures for tests/test_stores.py)
+
+ROOT = Path(__file__).resolve().parent.parent
+_TREE = pytest.StashKey[set[str] | None]()   # the checkout's `git status` when the run started
+
+
+def _tree_status() -> set[str] | None:
+    """`git status --porcelain` of the checkout (what git would show as changed or new), or None outside git."""
+    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                       text=True)
+    return set(r.stdout.splitlines()) if r.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_TREE] = _tree_status()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No test writes into the repository: what `git status` shows after the run that it did not show before
+    fails the run under CI=true (a clean clone), and is reported otherwise (someone may be editing meanwhile)."""
+    before = session.config.stash.get(_TREE, None)
+    after = _tree_status()
+    if before is None or after is None or not (new := sorted(after - before)):
+        return
+    ci = os.environ.get("CI", "").lower() == "true"
+    what = f"the test run changed the repository tree (git status): {', '.join(new[:20])}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("=", f"FAILED: {what}" if ci else f"warning: {what}", red=ci, yellow=not ci)
+    if ci:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 
 @pytest.fixture

@@ -129,3 +129,19 @@ def test_scripts_test_names_the_missing_packages_for_a_user_who_is_not_root(open
 def test_every_reason_names_its_apt_line():
     for probe, req in REQUIREMENTS.items():
         assert f"apt-get install -y {req.package}" in reason(probe)
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_test_that_writes_into_the_repository_fails_the_run_under_ci(tmp_path, ci):
+    leak = ROOT / f"leak-{os.getpid()}-{ci or 'dev'}.out"
+    test = tmp_path / "test_leak.py"
+    test.write_text(f"from pathlib import Path\n\ndef test_leaks():\n    Path({str(leak)!r}).write_text('x')\n")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "--rootdir", str(tmp_path),
+                            "-c", os.devnull, str(test)], cwd=ROOT, env=dict(os.environ, CI=ci),
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        leak.unlink(missing_ok=True)
+    assert "1 passed" in r.stdout, r.stdout + r.stderr
+    assert f"changed the repository tree (git status): ?? {leak.name}" in r.stdout, r.stdout
+    assert r.returncode == (1 if ci else 0), r.stdout
