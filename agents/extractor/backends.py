@@ -1,8 +1,9 @@
 """Turning a fetched body into a document: main text, metadata and outlinks.
 
 Backends by media type, chosen in the extractor's settings:
-  * `trafilatura` (HTML, XHTML): main text, title, date; outlinks and their anchor text from the
-    page's own <a href> (base href, rel=nofollow and meta robots honoured); canonical link;
+  * `trafilatura` (HTML, XHTML): main text, and of its metadata the title and date, the two fields the
+    document store keeps; outlinks and their anchor text from the page's own <a href> (base href,
+    rel=nofollow and meta robots honoured; agents.urls.LinkResolver); canonical link;
   * `pypdf` (PDF): the text of every page and the document title;
   * `plain` (text/plain): the text as is.
 Language comes from the page's own `lang` attribute when it has one, otherwise from py3langid
@@ -31,9 +32,11 @@ import py3langid
 import trafilatura
 from pypdf import PdfReader
 from pypdf.errors import PyPdfError
+from trafilatura.metadata import examine_meta, extract_meta_json, extract_title, extract_url, find_date  # htmldate's
+from trafilatura.settings import DEFAULT_CONFIG, set_date_params
 from trafilatura.utils import load_html
 
-from agents.urls import BadURL, normalize
+from agents.urls import BadURL, LinkResolver, normalize
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ def _links(tree, base_url: str) -> list[dict]:
         except BadURL:
             pass
         break
+    resolve = LinkResolver(base).resolve
     seen: dict[str, int] = {}
     out: list[dict] = []
     for a in tree.iter("a"):
@@ -120,20 +124,36 @@ def _links(tree, base_url: str) -> list[dict]:
             continue
         if "nofollow" in (a.get("rel") or "").lower().split():
             continue
-        try:
-            url = normalize(href, base)
-        except (BadURL, ValueError):
+        url = resolve(href)
+        if url is None:
             continue
-        anchor = " ".join(a.text_content().split())[:MAX_ANCHOR]
-        if url in seen:
-            if anchor and not out[seen[url]]["anchor"]:
-                out[seen[url]]["anchor"] = anchor
+        known = seen.get(url)
+        if known is not None:   # the first non-empty anchor text wins
+            if not out[known]["anchor"]:
+                out[known]["anchor"] = " ".join(a.text_content().split())[:MAX_ANCHOR]
             continue
         seen[url] = len(out)
-        out.append({"url": url, "anchor": anchor})
+        out.append({"url": url, "anchor": " ".join(a.text_content().split())[:MAX_ANCHOR]})
         if len(out) >= MAX_OUTLINKS:
             break
     return out
+
+
+def _title_and_date(tree, url: str) -> tuple[str | None, str | None]:
+    """The two metadata fields the document store keeps, found as trafilatura's extract_metadata finds them
+    (meta tags and JSON-LD, then the page's headings for the title; htmldate for the date, given the page's
+    canonical URL), without the rest of that function: its author search (a deep copy of the page and a dozen
+    XPath queries), site name, categories, tags and licence were most of its cost, and nothing kept them."""
+    meta = examine_meta(tree)
+    try:
+        meta = extract_meta_json(tree, meta)
+    except Exception:   # trafilatura's own guard: bugs in its JSON-LD parsing
+        log.debug("JSON-LD metadata of %s unreadable", url, exc_info=True)
+    meta.title = meta.title or extract_title(tree)
+    date_params = set_date_params(DEFAULT_CONFIG.getboolean("DEFAULT", "EXTENSIVE_DATE_SEARCH"))
+    meta.date = find_date(tree, **date_params, url=meta.url or extract_url(tree, url))
+    meta.clean_and_trim()
+    return meta.title, meta.date
 
 
 def _robots_meta(tree) -> set[str]:
@@ -164,13 +184,14 @@ def extract_html(body: bytes, url: str, content_type: str) -> Extracted:
     if "noindex" in robots or "none" in robots:
         return _failed("the page asks not to be indexed (meta robots noindex)", outlinks=outlinks,
                        canonical_url=canonical, title=page_title)
-    doc = trafilatura.bare_extraction(tree, url=url, with_metadata=True)
+    doc = trafilatura.bare_extraction(tree, url=url)   # main text only: no metadata pass (_title_and_date)
     text = (doc.text or "").strip() if doc is not None else ""
-    title = (doc.title if doc is not None else None) or page_title
+    title, published = _title_and_date(tree, url) if doc is not None else (None, None)
+    title = title or page_title
     if len(text) < MIN_TEXT_CHARS:
         return _failed("no main text found", outlinks=outlinks, canonical_url=canonical, title=title,
                        language=_language(declared, None))
-    return Extracted(title=title, language=_language(declared, text), published=doc.date, canonical_url=canonical,
+    return Extracted(title=title, language=_language(declared, text), published=published, canonical_url=canonical,
                      text=text, outlinks=outlinks)
 
 
