@@ -3,7 +3,9 @@
 A file describes the whole mesh (hosts, container groups, agents, stores, security) and,
 optionally, which host it runs as (`host:`). `extends: other.yaml` merges another file
 underneath, so mainpc.yaml and pc2.yaml share one mesh description. Strings may use
-`${VAR}` or `${VAR:-default}` to take values (host addresses, say) from the environment.
+`${VAR}` or `${VAR:-default}` to take values (host addresses, say) from the environment; where VAR is
+not set and VAR_FILE is, the contents of that file (how `podman_build.sh deploy` passes secrets: the
+dashboard token and the database URLs as Podman secret files, never in the container's environment).
 
 Every problem is reported with the file, the field path and what to do about it.
 
@@ -16,6 +18,7 @@ one host are a problem naming both; endpoints left out get the next port from `b
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -37,7 +40,7 @@ from pydantic_core import PydanticCustomError
 
 from mesh.kinds import UnknownKind, may_declare_ports, target_of
 from network.codec import DEFAULT_MAX_FRAME_BYTES
-from network.security import secret_path
+from network.security import generate_command, public_path, secret_path
 
 NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 ENDPOINTS = ("rpc", "pub", "metrics")   # every agent's ports; a kind's settings may declare more (extra_ports)
@@ -78,6 +81,9 @@ class MeshSettings(_Model):
 class Host(_Model):
     address: str = Field(..., description="Address peers use to reach this host")
     bind: str | None = Field(None, description="Address to bind on (default: the address); 0.0.0.0 inside containers")
+    profile: Literal["auto", "gpu", "cpu", "small"] = Field(
+        "auto", description="Hardware profile of the models run here: gpu (torch on CUDA), cpu (int8 ONNX), small "
+        "(cpu, fewer chunks per document); auto: gpu where CUDA is available, else cpu")
 
     @property
     def bind_address(self) -> str:
@@ -105,7 +111,11 @@ class AgentSpec(_Model):
 
 
 class Security(_Model):
-    curve: Literal["auto", "on", "off"] = Field("auto", description="auto: CURVE on TCP when keys_dir holds this host's secret key")
+    curve: Literal["auto", "on", "off"] = Field("auto", description=(
+        "on: CURVE always; agents refuse to start without this host's secret key in keys_dir. auto: CURVE when "
+        "that key is there, and required (as `on`) wherever the host binds a non-loopback address; plaintext "
+        "only on loopback (127.0.0.0/8, ::1, localhost). off: plaintext always, with a loud warning at start "
+        "when the host binds a non-loopback address"))
     keys_dir: Path = Path("keys")
 
     @field_validator("curve", mode="before")
@@ -242,11 +252,41 @@ class MeshConfig(_Model):
         return f"tcp://{self.hosts[self.host_of(agent)].bind_address}:{self.port(agent, which)}"
 
     def curve_enabled(self, host: str) -> bool:
+        """Whether `host` speaks CURVE: with `on`; with `auto` when its secret key is here or it binds a
+        non-loopback address (the key is then required: `check_curve`); never with `off`."""
         if self.security.curve == "off":
             return False
         if self.security.curve == "on":
             return True
-        return secret_path(self.security.keys_dir, host).exists()
+        return secret_path(self.security.keys_dir, host).exists() or not is_loopback(self.hosts[host].bind_address)
+
+    def check_curve(self, host: str) -> None:
+        """ConfigError when `host`'s agents must not start: CURVE is on for it (`on`, or `auto` with a non-loopback
+        bind) but its secret key is not in keys_dir. `meshctl up` and `meshctl check` ask before anything binds,
+        and so does every agent, so that a mesh never comes up in plaintext by accident."""
+        keys_dir = self.security.keys_dir
+        sec = secret_path(keys_dir, host)
+        if not self.curve_enabled(host) or sec.exists():
+            return
+        bind = self.hosts[host].bind_address
+        why = ("CURVE is on" if self.security.curve == "on" else
+               f"host {host} binds {bind}, reachable from the network, so CURVE is required (auto)")
+        where = "" if Path(keys_dir).is_absolute() else f" (keys dir {Path(keys_dir).resolve()})"
+        others = [h for h in self.hosts if h != host]
+        copy = (f", then copy {public_path(keys_dir, host)} to the keys/public/ of {', '.join(others)} and theirs "
+                f"to {keys_dir / 'public'}/ here" if others else "")
+        raise ConfigError(self.source, [(
+            "security.curve", f"{why} but this host's secret key {sec} is missing",
+            f"run `{generate_command(keys_dir, host)}` on {host}{where}{copy}; "
+            f"or, to run in plaintext where anyone on the network can talk to the agents, set security.curve: off")])
+
+    def plaintext_warning(self, host: str) -> str | None:
+        """The line `meshctl up` warns with when `curve: off` leaves `host`'s agents open to the network."""
+        bind = self.hosts[host].bind_address
+        if self.security.curve != "off" or is_loopback(bind):
+            return None
+        return (f"CURVE is off (security.curve: off): host {host}'s agents listen on {bind} in plaintext, so anyone "
+                f"on the network can talk to the agents")
 
     def store_url(self, which: Literal["documents", "frontier"]) -> str:
         """The store's URL with a relative SQLite path placed under mesh.data_dir."""
@@ -264,6 +304,17 @@ class MeshConfig(_Model):
     def start_order(self) -> list[list[str]]:
         """Agents in dependency levels: each level depends only on earlier ones."""
         return _levels(self.agents)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether an address bound to is reachable from this machine only: 127.0.0.0/8, ::1 or localhost. Anything
+    else (0.0.0.0, `*`, a LAN address, a name, an interface) counts as reachable from the network."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _target_or_none(kind: str) -> str | None:
@@ -499,6 +550,13 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list, 
             var, default = m.group(1), m.group(2)
             if env.get(var) or (var in env and default is None):
                 return env[var]
+            if env.get(f"{var}_FILE"):   # a secret given as a file (Podman and Kubernetes secrets)
+                try:
+                    return Path(env[f"{var}_FILE"]).read_text().removesuffix("\n")
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.append((path, f"cannot read {var}_FILE ({env[f'{var}_FILE']}): {exc}",
+                                     f"make {env[f'{var}_FILE']} readable by this user, or set {var} instead"))
+                    return ""
             if default is not None:
                 return default
             problems.append((path, f"environment variable {var} is not set", f"export {var}=... or write ${{{var}:-default}}"))

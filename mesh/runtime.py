@@ -24,7 +24,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict
 
 from mesh.config import ConfigError, MeshConfig, MeshSettings
-from mesh.kinds import OLD_MODULES, UnknownKind, target_of
+from mesh.kinds import MODEL_EXTRA_MODULES, OLD_MODULES, UnknownKind, target_of
 from mesh.messages import (
     AgentStats,
     Deregister,
@@ -83,6 +83,9 @@ class Agent:
     kind: ClassVar[str] = ""
     Settings: ClassVar[type[AgentSettings]] = AgentSettings
     uses_twin: ClassVar[bool] = True
+    # The container image its group runs in (podman_build.sh): "cpu" (the mesh, crawl and extraction
+    # packages) or "model" (with the `model` extra: torch, sentence-transformers, faiss, llama.cpp)
+    image: ClassVar[str] = "cpu"
     _handlers: ClassVar[dict[type[Message], str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -219,6 +222,10 @@ class Agent:
 
     def start(self) -> None:
         mesh = self.config.mesh
+        try:
+            self.config.check_curve(self.host)   # never bind in plaintext where CURVE is required
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
         identity = None
         if self.config.curve_enabled(self.host):
             try:
@@ -466,6 +473,9 @@ def resolve(kind: str) -> type[Agent]:
     except ImportError as exc:
         hint = next((f" ({old} is {new} since the layout by domain)" for old, new in OLD_MODULES.items()
                      if exc.name and exc.name == old), "")
+        if exc.name and exc.name.split(".")[0] in MODEL_EXTRA_MODULES:
+            hint = (" (a model agent: install the model extra, `pip install 'agent-mesh[model]'`, or run it in the "
+                    "model image, `podman_build.sh build` makes both)")
         raise UnknownKind(f"agent kind {kind!r}: cannot import {module_name!r}: {exc}{hint}") from None
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):

@@ -74,7 +74,12 @@ class Supervisor:
         self._stopping = False
 
     def start(self) -> None:
-        check_kinds(self.config, list(self.children))  # fail before starting anything
+        # fail before starting anything: a bad kind or setting, or CURVE required here without this host's key
+        self.config.check_curve(self.host)
+        check_kinds(self.config, list(self.children))
+        warning = self.config.plaintext_warning(self.host)
+        if warning:
+            log.warning("%s", warning)
         # what every child imports, imported once in the fork server: this module itself (the children's entry
         # point, with rich for the logs: ~60 ms of CPU each), the runtime, and the kinds of this host
         modules = {__name__, "mesh.runtime", "network.rpc"} | {module_of(self.config.agents[n].kind)

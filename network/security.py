@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,33 @@ def public_path(keys_dir: Path, host: str) -> Path:
 
 
 def secret_path(keys_dir: Path, host: str) -> Path:
+    """`host`'s secret key: keys_dir/private/HOST.key_secret; in a container, the file MESH_CURVE_SECRET_FILE
+    names (the Podman secret `podman_build.sh deploy` mounts, readable by the agent only), or the key file's
+    text in MESH_CURVE_SECRET (a Kubernetes Secret as an environment variable), kept in a file of this
+    process's own."""
+    if os.environ.get("MESH_CURVE_SECRET_FILE"):
+        return Path(os.environ["MESH_CURVE_SECRET_FILE"])
+    if os.environ.get("MESH_CURVE_SECRET"):
+        return _secret_from_env(os.environ["MESH_CURVE_SECRET"])
     return Path(keys_dir) / "private" / f"{host}.key_secret"
+
+
+_from_env: dict[str, Path] = {}
+
+
+def _secret_from_env(text: str) -> Path:
+    if text not in _from_env:
+        fd, name = tempfile.mkstemp(prefix="mesh-curve-", suffix=".key_secret")   # mode 0600, this user's
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        _from_env[text] = Path(name)
+    return _from_env[text]
+
+
+def generate_command(keys_dir: Path, host: str) -> str:
+    """The exact `meshctl keys generate` that makes `host`'s key pair in `keys_dir` (run where `meshctl` runs)."""
+    where = "" if Path(keys_dir) == Path("keys") else f" --keys-dir {keys_dir}"
+    return f"meshctl keys generate {host}{where}"
 
 
 def generate(keys_dir: Path, host: str, *, force: bool = False) -> tuple[Path, Path]:
@@ -96,7 +123,7 @@ def load_identity(keys_dir: Path, host: str) -> CurveIdentity:
     keys_dir = Path(keys_dir)
     sec = secret_path(keys_dir, host)
     if not sec.exists():
-        raise MissingKey(f"CURVE is on but {sec} is missing: run `meshctl keys generate {host}` on this host")
+        raise MissingKey(f"CURVE is on but {sec} is missing: run `{generate_command(keys_dir, host)}` on this host")
     public, secret = zmq.auth.load_certificate(str(sec))
     if secret is None:
         raise MissingKey(f"{sec} holds no secret key")

@@ -1,7 +1,7 @@
 """Podman deployment, driven by podman_build.sh: one container per container group.
 
     python -m ops.deploy base [--tag IMAGE]
-    python -m ops.deploy build [--offline] [--base IMAGE] [GROUP...]
+    python -m ops.deploy build [--offline] [--base IMAGE] [--role cpu|model] [--index-url URL] [GROUP...]
     python -m ops.deploy deploy HOST [--no-gpu] [--timeout S]
     python -m ops.deploy down HOST [--volumes]
     python -m ops.deploy status HOST
@@ -25,6 +25,7 @@ Podman options a host needs come from the environment: MESH_PODMAN_OPTS (global 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ from rich.table import Table
 
 from mesh.config import ConfigError, MeshConfig, load_config
 from mesh.control import fetch_status
-from mesh.runtime import check_kinds
+from mesh.runtime import check_kinds, resolve
 from network.rpc import MeshError
 from ops.monitoring import SHIPPED_DASHBOARD, SHIPPED_RULES, render
 
@@ -80,32 +82,77 @@ def podman(*args: str, check: bool = True, capture: bool = True, timeout: float 
 
 # --- build ---------------------------------------------------------------------------------------
 
-OLDER_PYTHON_EXTRAS = ["async-timeout>=4.0.3"]
+# Markers are evaluated where pip runs: an offline wheelhouse is made on this machine, whose Python may be a
+# later patch release than the image's (Debian 12: 3.11.2) that needs more (redis: async-timeout before 3.11.3).
+OLDER_PYTHON_EXTRAS = ['async-timeout>=4.0.3; python_full_version < "3.11.3"']
+ROLES = ("cpu", "model")   # the CPU image (core, crawl, extract) and the model image (the gpu group)
 
-def build(*, offline: bool, base: str) -> None:
-    """Builds IMAGE from containers/Containerfile with a wheelhouse made here."""
+
+def image_of(role: str) -> str:
+    """The image of a role: MESH_IMAGE's repository with -cpu or -model, and its tag
+    (localhost/agent-mesh:latest -> localhost/agent-mesh-cpu:latest)."""
+    repo, _, tag = IMAGE.rpartition(":") if ":" in IMAGE.rsplit("/", 1)[-1] else (IMAGE, "", "latest")
+    return f"{repo}-{role}:{tag}"
+
+
+def requirements(role: str) -> list[str]:
+    """The image's dependencies, from pyproject.toml: the project's, and the `model` extra's for the model image."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *(project["optional-dependencies"]["model"] if role == "model" else []),
+            *OLDER_PYTHON_EXTRAS]
+
+
+def _image_size(image: str) -> int | None:
+    r = podman("image", "inspect", image, "--format", "{{.Size}}", check=False)
+    return int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip().isdigit() else None
+
+
+def build(*, offline: bool, base: str, roles: tuple[str, ...] = ROLES, index_url: str | None = None) -> dict[str, int]:
+    """Builds the images of `roles` from containers/Containerfile; returns their sizes in bytes.
+
+    Offline: every wheel is made here (pip wheel) and the build installs with --no-index. Online: the build
+    installs the dependencies from the package index (`index_url`, else PyPI), compiling what has no wheel
+    in its builder stage. Either way the project itself comes as the wheel made here, by file name."""
+    sizes = {}
     with tempfile.TemporaryDirectory(prefix="mesh-build-") as tmp:
-        ctx = Path(tmp)
-        wheels = ctx / "wheels"
-        pip = [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels)]
-        say(f"wheelhouse: {'the project and every dependency' if offline else 'the project'} -> {wheels}")
-        r = subprocess.run([*pip, *([] if offline else ["--no-deps"]), str(ROOT)], capture_output=True, text=True)
-        if r.returncode == 0 and offline:
-            # Markers are evaluated for this machine's Python; the image's may be an older patch release
-            # (Debian 12: 3.11.2) that needs more (redis wants async-timeout before 3.11.3).
-            r = subprocess.run([*pip, *OLDER_PYTHON_EXTRAS], capture_output=True, text=True)
+        project = Path(tmp) / "project"
+        pip = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check"]
+        r = subprocess.run([*pip, "--no-deps", "--wheel-dir", str(project), str(ROOT)], capture_output=True, text=True)
         if r.returncode != 0:
-            raise DeployError(f"pip wheel failed: {r.stderr.strip()[-800:]}")
-        shutil.copytree(ROOT / "config", ctx / "config")
-        shutil.copy2(ROOT / "test_pc2_connectivity.py", ctx / "test_pc2_connectivity.py")
-        say(f"building {IMAGE} from {base}")
-        r = podman("build", "--format", "docker", "--file", str(ROOT / "containers" / "Containerfile"),
-                   "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"PIP_OPTS={'--no-index' if offline else ''}",
-                   "--tag", IMAGE, str(ctx), capture=False, check=False, timeout=1800)
-        if r.returncode != 0:
-            hint = "" if offline else " (no package index reachable from the build? try --offline)"
-            raise DeployError(f"podman build failed{hint}")
-    say(f"built {IMAGE}")
+            raise DeployError(f"pip wheel of the project failed: {r.stderr.strip()[-800:]}")
+        for role in roles:
+            ctx = Path(tmp) / role
+            ctx.mkdir()
+            shutil.copytree(project, ctx / "project")
+            shutil.copytree(ROOT / "config", ctx / "config")
+            shutil.copy2(ROOT / "test_pc2_connectivity.py", ctx / "test_pc2_connectivity.py")
+            reqs = requirements(role)
+            (ctx / "requirements.txt").write_text("\n".join(reqs) + "\n")
+            (ctx / "deps").mkdir()
+            if offline:
+                say(f"{role} image: wheelhouse of {len(reqs)} requirement(s) and their dependencies")
+                unmarked = [q.split(";")[0].strip() for q in reqs]   # the image's Python decides, at install
+                r = subprocess.run([*pip, "--wheel-dir", str(ctx / "deps"), *unmarked], capture_output=True, text=True,
+                                   env=dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=OFF")))
+                if r.returncode != 0:
+                    raise DeployError(f"pip wheel failed: {r.stderr.strip()[-800:]}")
+            image = image_of(role)
+            say(f"building {image} from {base}" + ("" if offline else f" (packages from {index_url or 'PyPI'})"))
+            started = time.monotonic()
+            args = ["--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"EXTRAS={'model' if role == 'model' else ''}",
+                    "--build-arg", f"PIP_OPTS={'--no-index' if offline else ''}"]
+            if index_url:
+                args += ["--build-arg", f"PIP_INDEX_URL={index_url}", "--network", "host"]
+            if os.environ.get("CMAKE_ARGS"):   # MainPC: CMAKE_ARGS="-DGGML_CUDA=on" builds llama.cpp for CUDA
+                args += ["--build-arg", f"CMAKE_ARGS={os.environ['CMAKE_ARGS']}"]
+            r = podman("build", "--format", "docker", "--file", str(ROOT / "containers" / "Containerfile"), *args,
+                       "--tag", image, str(ctx), capture=False, check=False, timeout=3600)
+            if r.returncode != 0:
+                hint = "" if offline else " (no package index reachable from the build? try --offline)"
+                raise DeployError(f"podman build of {image} failed{hint}")
+            sizes[role] = _image_size(image) or 0
+            say(f"built {image}: {sizes[role] / 1e6:.0f} MB in {time.monotonic() - started:.0f} s")
+    return sizes
 
 
 def base_image(tag: str) -> None:
@@ -174,6 +221,13 @@ def _config_env() -> dict[str, str]:
     return {n: os.environ[n] for n in sorted(names) if n in os.environ}
 
 
+# Variables that go into a container as a Podman secret file (VAR_FILE, see mesh.config), never as --env: tokens,
+# passwords, and URLs (a database URL carries its password).
+SECRET_VAR = re.compile(r"(TOKEN|PASSWORD|SECRET|_URL)$")
+SECRETS_DIR = "/run/secrets"
+AGENT_UID = 10001   # the images' `mesh` user
+
+
 def _existing(name: str) -> dict | None:
     r = podman("container", "inspect", name, check=False)
     if r.returncode != 0:
@@ -191,6 +245,76 @@ def _gpu_args(cfg: MeshConfig, group: str, no_gpu: bool) -> list[str]:
     return ["--device", "nvidia.com/gpu=all"]
 
 
+KUBE_GPU = "nvidia.com/gpu=all"   # the CDI device of every NVIDIA GPU (nvidia-ctk cdi generate)
+
+
+def _wants_gpu(cfg: MeshConfig, group: str, no_gpu: bool, for_kube: bool) -> bool:
+    try:
+        return bool(_gpu_args(cfg, group, no_gpu))
+    except DeployError as exc:
+        if not for_kube:
+            raise
+        print(f"warning: {exc}; the YAML asks for {KUBE_GPU} all the same", file=sys.stderr)
+        return True
+
+
+@dataclass
+class Secret:
+    """One Podman secret of a host: its name, where it appears in the container, and a digest of its value
+    (kept as the secret's label, so a changed value replaces the secret and the containers that use it)."""
+
+    name: str
+    target: str      # file name under /run/secrets
+    env: str         # the variable that names the file inside the container
+    value: bytes
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.value).hexdigest()[:16]
+
+    @property
+    def path(self) -> str:
+        return f"{SECRETS_DIR}/{self.target}"
+
+
+def host_secrets(cfg: MeshConfig, host: str, env: dict[str, str]) -> list[Secret]:
+    """The host's CURVE secret key (when CURVE is on for it) and the secret-like config variables set here."""
+    out = []
+    if cfg.curve_enabled(host):
+        sec = Path(cfg.security.keys_dir).resolve() / "private" / f"{host}.key_secret"
+        try:
+            value = sec.read_bytes()
+        except FileNotFoundError:
+            raise DeployError(f"CURVE is on for {host} but its secret key {sec} is missing: run "
+                              f"`meshctl keys generate {host}` (or say `curve: off` in the config)") from None
+        except OSError as exc:
+            raise DeployError(f"cannot read {host}'s CURVE secret key {sec}: {exc.strerror} (deploy as the user "
+                              f"who ran `meshctl keys generate {host}`; its mode stays as it is)") from None
+        out.append(Secret(f"mesh-{host}-curve-secret", "curve-secret", "MESH_CURVE_SECRET_FILE", value))
+    for var, value in env.items():
+        if SECRET_VAR.search(var) and value:
+            slug = var.lower().replace("_", "-")
+            out.append(Secret(f"mesh-{host}-{slug}", slug, f"{var}_FILE", value.encode()))
+    return out
+
+
+def ensure_secrets(secrets: list[Secret], host: str, *, report=say) -> None:
+    """Creates each Podman secret, or replaces it when its value changed (its label keeps the digest)."""
+    for secret in secrets:
+        r = podman("secret", "inspect", secret.name, "--format", "{{index .Spec.Labels \"mesh.digest\"}}",
+                   check=False)
+        if r.returncode == 0 and r.stdout.strip() == secret.digest:
+            continue
+        if r.returncode == 0:
+            podman("secret", "rm", secret.name)
+        cmd = ["podman", *shlex.split(os.environ.get("MESH_PODMAN_OPTS", "")), "secret", "create",
+               "--label", f"mesh.host={host}", "--label", f"mesh.digest={secret.digest}", secret.name, "-"]
+        created = subprocess.run(cmd, input=secret.value, capture_output=True, timeout=60)
+        if created.returncode != 0:
+            raise DeployError(f"podman secret create {secret.name} failed: {created.stderr.decode(errors='replace')}")
+        report(f"  secret {secret.name}: {'replaced' if r.returncode == 0 else 'created'}")
+
+
 @dataclass
 class GroupSpec:
     """What one group's container is: the same for `podman run` (deploy) and a Pod (kube)."""
@@ -198,10 +322,12 @@ class GroupSpec:
     host: str
     group: str
     agents: list[str]
-    env: dict[str, str]
+    env: dict[str, str]          # plain settings only; secrets are in `secrets`
+    secrets: list[Secret]
     command: list[str]
-    keys: Path | None
+    public_keys: Path | None     # keys/public, mounted read-only (public keys only)
     gpu: bool
+    role: str                    # "cpu" or "model": which image
 
     @property
     def name(self) -> str:
@@ -211,40 +337,67 @@ class GroupSpec:
     def volume(self) -> str:
         return f"mesh-{self.host}-data"
 
+    @property
+    def image(self) -> str:
+        return image_of(self.role)
 
-def group_specs(cfg: MeshConfig, host: str, *, no_gpu: bool) -> list[GroupSpec]:
-    keys = Path(cfg.security.keys_dir).resolve()
+
+def group_role(cfg: MeshConfig, group: str) -> str:
+    """The model image when one of the group's agents needs the `model` extra (its kind says so), else the CPU image."""
+    return "model" if any(resolve(cfg.agents[a].kind).image == "model" for a in cfg.groups[group].agents) else "cpu"
+
+
+def group_specs(cfg: MeshConfig, host: str, *, no_gpu: bool, for_kube: bool = False) -> list[GroupSpec]:
+    """The host's groups in start order. A GPU group without the host's CDI spec is an error for deploy; for
+    kube (YAML that may run elsewhere) a warning, and the device is written all the same."""
+    public = Path(cfg.security.keys_dir).resolve() / "public"
+    config_env = _config_env()
+    secrets = host_secrets(cfg, host, config_env)
+    plain = {k: v for k, v in config_env.items() if not (SECRET_VAR.search(k) and v)}
     specs = []
     for group in group_order(cfg, host):
         agents = cfg.groups[group].agents
         env = {"MESH_CONFIG": f"config/{host}.yaml", "MESH_AGENTS": " ".join(agents),
                "MESH_LOG_STDERR": "1",   # agents' JSON lines in `podman logs` too, not only in /data/logs
-               **_config_env()}
+               **plain}
         command = ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
-        specs.append(GroupSpec(host=host, group=group, agents=agents, env=env, command=command,
-                               keys=keys if keys.exists() else None, gpu=bool(_gpu_args(cfg, group, no_gpu))))
+        specs.append(GroupSpec(host=host, group=group, agents=agents, env=env, secrets=secrets, command=command,
+                               public_keys=public if public.is_dir() else None,
+                               gpu=_wants_gpu(cfg, group, no_gpu, for_kube), role=group_role(cfg, group)))
     return specs
+
+
+def run_args(spec: GroupSpec, cfg: MeshConfig) -> list[str]:
+    """`podman run` options of a group's container (without --name and the image)."""
+    return ["--network", "host", "--restart", "always", "--stop-timeout", str(int(cfg.mesh.drain_timeout_s) + 5),
+            "--label", f"mesh.host={spec.host}", "--label", f"mesh.group={spec.group}",
+            "--label", f"mesh.agents={' '.join(spec.agents)}", "--label", f"mesh.role={spec.role}",
+            "--volume", f"{spec.volume}:/data:U",
+            *[f"--env={k}={v}" for k, v in spec.env.items()],
+            *[x for sec in spec.secrets for x in (
+                "--secret", f"{sec.name},type=mount,target={sec.target},uid={AGENT_UID},gid={AGENT_UID},mode=0400",
+                f"--env={sec.env}={sec.path}")],
+            *(["--volume", f"{spec.public_keys}:/keys/public:ro"] if spec.public_keys else []),
+            *(["--device", "nvidia.com/gpu=all"] if spec.gpu else []),
+            *shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))]
 
 
 def deploy(host: str, *, no_gpu: bool = False, timeout: float = 120.0) -> None:
     cfg = _config(host)
-    image = podman("image", "inspect", IMAGE, "--format", "{{.Id}}", check=False)
-    if image.returncode != 0:
-        raise DeployError(f"image {IMAGE} not found: run `podman_build.sh build` first")
-    image_id = image.stdout.strip()
-    run_opts = shlex.split(os.environ.get("MESH_PODMAN_RUN_OPTS", ""))
     specs = group_specs(cfg, host, no_gpu=no_gpu)
-    say(f"deploying host {host}: groups {', '.join(s.group for s in specs)} (image {image_id[:12]})")
+    image_ids = {}
+    for role in sorted({s.role for s in specs}):
+        image = podman("image", "inspect", image_of(role), "--format", "{{.Id}}", check=False)
+        if image.returncode != 0:
+            raise DeployError(f"image {image_of(role)} not found: run `podman_build.sh build` first")
+        image_ids[role] = image.stdout.strip()
+    say(f"deploying host {host}: groups {', '.join(f'{s.group} ({s.role})' for s in specs)}")
+    ensure_secrets(specs[0].secrets if specs else [], host)
     started: set[str] = set()
     for spec in specs:
-        args = ["--network", "host", "--restart", "always", "--stop-timeout", str(int(cfg.mesh.drain_timeout_s) + 5),
-                "--label", f"mesh.host={host}", "--label", f"mesh.group={spec.group}",
-                "--label", f"mesh.agents={' '.join(spec.agents)}", "--volume", f"{spec.volume}:/data:U",
-                *[f"--env={k}={v}" for k, v in spec.env.items()],
-                *(["--volume", f"{spec.keys}:/keys:ro"] if spec.keys else []),
-                *(["--device", "nvidia.com/gpu=all"] if spec.gpu else []), *run_opts]
-        digest = hashlib.sha256(json.dumps([image_id, cfg.model_dump(mode="json"), args, spec.command]).encode()
-                                ).hexdigest()[:16]
+        args = run_args(spec, cfg)
+        digest = hashlib.sha256(json.dumps([image_ids[spec.role], cfg.model_dump(mode="json"), args, spec.command,
+                                            [s.digest for s in spec.secrets]]).encode()).hexdigest()[:16]
         current = _existing(spec.name)
         if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
             say(f"  {spec.group}: unchanged, {spec.name} keeps running")
@@ -252,39 +405,112 @@ def deploy(host: str, *, no_gpu: bool = False, timeout: float = 120.0) -> None:
             if current:
                 say(f"  {spec.group}: changed, replacing {spec.name}")
                 podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), spec.name)
-            podman("run", "--detach", "--name", spec.name, "--label", f"mesh.hash={digest}", *args, IMAGE, *spec.command)
+            podman("run", "--detach", "--name", spec.name, "--label", f"mesh.hash={digest}", *args, spec.image,
+                   *spec.command)
             say(f"  {spec.group}: started {spec.name} ({', '.join(spec.agents)})")
         started |= set(spec.agents)
         _wait_group(cfg, spec.group, started, timeout)
     say(f"host {host} deployed: {len(specs)} group(s) up")
+    install_units(host, specs, cfg)
+
+
+def unit_dir() -> Path:
+    """Where the boot units go: MESH_SYSTEMD_DIR, else the system's units (root) or the user's (rootless)."""
+    if os.environ.get("MESH_SYSTEMD_DIR"):
+        return Path(os.environ["MESH_SYSTEMD_DIR"])
+    return Path("/etc/systemd/system") if os.geteuid() == 0 else Path.home() / ".config" / "systemd" / "user"
+
+
+def unit_name(spec: GroupSpec) -> str:
+    return f"container-{spec.name}.service"
+
+
+def install_units(host: str, specs: list[GroupSpec], cfg: MeshConfig) -> list[Path]:
+    """Systemd units that start the host's groups at boot, each after the one before it (`podman generate
+    systemd`: they start the containers deploy made; Podman 4.3 to 5.x), enabled where systemd runs. The agents
+    then wait on the twin's gate for what they depend on, as after a deploy."""
+    target = unit_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    written, previous = [], None
+    for spec in specs:
+        order = ["--after", previous, "--wants", previous] if previous else []
+        r = podman("generate", "systemd", "--name", "--restart-policy", "always", "--no-header",
+                   "--stop-timeout", str(int(cfg.mesh.drain_timeout_s) + 5), *order, spec.name)
+        path = target / unit_name(spec)
+        text = r.stdout.replace("Description=Podman ", f"Description=agent mesh {host}/{spec.group}: Podman ", 1)
+        path.write_text(text)
+        written.append(path)
+        previous = unit_name(spec)
+    stale = {p for p in target.glob(f"container-mesh-{host}-*.service")} - set(written)
+    for path in stale:   # a group that is gone
+        path.unlink()
+    user = [] if target == Path("/etc/systemd/system") or os.geteuid() == 0 else ["--user"]
+    if Path("/run/systemd/system").is_dir() and not os.environ.get("MESH_SYSTEMD_DIR"):
+        subprocess.run(["systemctl", *user, "daemon-reload"], check=False)
+        r = subprocess.run(["systemctl", *user, "enable", *[p.name for p in written]], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DeployError(f"systemctl enable failed: {r.stderr.strip()[-500:]}")
+        say(f"boot: {len(written)} unit(s) in {target}, enabled: the groups start in this order at boot"
+            + ("" if not user else " (rootless: `loginctl enable-linger` so they start before you log in)"))
+    else:
+        say(f"boot: {len(written)} unit(s) written to {target}; systemd is not running here, so nothing is enabled "
+            f"(`systemctl{' --user' if user else ''} enable {' '.join(p.name for p in written)}` where it runs)")
+    return written
 
 
 def kube(host: str, *, no_gpu: bool = False) -> str:
     """Kubernetes YAML (one Pod per group, host network, the data volume as a claim) that
-    `podman kube play` deploys, and a cluster can take later."""
+    `podman kube play` deploys, and a cluster can take later. Secrets are referred to, never carried:
+    the Pods take them from the Secret `mesh-HOST-secrets` (env valueFrom.secretKeyRef), which this
+    creates as a Podman secret for `podman kube play` (on a cluster: `kubectl create secret`)."""
     cfg = _config(host)
+    text, secret = kube_yaml(cfg, host, no_gpu=no_gpu)
+    if secret is not None:   # stdout is the YAML
+        ensure_secrets([secret], host, report=lambda line: print(line.strip(), file=sys.stderr))
+    return text
+
+
+def kube_yaml(cfg: MeshConfig, host: str, *, no_gpu: bool = False) -> tuple[str, Secret | None]:
+    """The YAML of `kube`, and the Podman secret (a Kubernetes Secret document) its Pods refer to, if any."""
+    specs = group_specs(cfg, host, no_gpu=no_gpu, for_kube=True)
+    secret_name = f"mesh-{host}-secrets"
+    secrets = specs[0].secrets if specs else []
+    secret = None
+    if secrets:
+        # what `podman kube play` reads from a Podman secret for secretKeyRef: the Secret's `data`, a JSON map of
+        # key to base64 value (what playing a kind: Secret stores)
+        data = {s.env.removesuffix("_FILE"): base64.b64encode(s.value).decode() for s in secrets}
+        secret = Secret(secret_name, "", "", json.dumps(data, sort_keys=True).encode())
     docs = []
-    for spec in group_specs(cfg, host, no_gpu=no_gpu):
+    for spec in specs:
         container = {
-            "name": spec.group, "image": IMAGE, "args": spec.command,
-            "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+            "name": spec.group, "image": spec.image, "args": spec.command,
+            "env": [{"name": k, "value": v} for k, v in spec.env.items()]
+                   + [{"name": s.env.removesuffix("_FILE"),
+                       "valueFrom": {"secretKeyRef": {"name": secret_name, "key": s.env.removesuffix("_FILE")}}}
+                      for s in spec.secrets],
             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-            "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
+            "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID},
         }
         volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": spec.volume}}]
-        if spec.keys:
-            container["volumeMounts"].append({"name": "keys", "mountPath": "/keys", "readOnly": True})
-            volumes.append({"name": "keys", "hostPath": {"path": str(spec.keys), "type": "Directory"}})
+        if spec.public_keys:
+            container["volumeMounts"].append({"name": "keys", "mountPath": "/keys/public", "readOnly": True})
+            volumes.append({"name": "keys", "hostPath": {"path": str(spec.public_keys), "type": "Directory"}})
+        metadata = {"name": spec.name, "labels": {"app": "agent-mesh", "mesh-host": host, "mesh-group": spec.group}}
         if spec.gpu:
-            container["resources"] = {"limits": {"nvidia.com/gpu": 1}}
+            # A CDI device by its qualified name, as `podman kube play` takes it (Podman 5.4 and later; older ones
+            # ignore it: deploy with `podman_build.sh deploy` there). A cluster's NVIDIA device plugin wants
+            # `nvidia.com/gpu: 1` instead.
+            container["resources"] = {"limits": {KUBE_GPU: 1}}
         docs.append({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": spec.name, "labels": {"app": "agent-mesh", "mesh-host": host, "mesh-group": spec.group}},
+            "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
             "spec": {"hostNetwork": True, "restartPolicy": "Always", "containers": [container], "volumes": volumes},
         })
     header = (f"# Kubernetes YAML for host {host}, made by `podman_build.sh kube {host}`.\n"
-              f"# Deploy: podman kube play FILE; remove: podman kube down FILE.\n")
-    return header + yaml.safe_dump_all(docs, sort_keys=False)
+              f"# Deploy: podman kube play FILE; remove: podman kube down FILE.\n"
+              + (f"# Secrets come from the Secret {secret_name} (made here as a Podman secret; on a cluster create it "
+                 f"with kubectl).\n" if secrets else ""))
+    return header + yaml.safe_dump_all(docs, sort_keys=False), secret
 
 
 def _wait_group(cfg: MeshConfig, group: str, started: set[str], timeout: float) -> None:
@@ -328,6 +554,18 @@ def down(host: str, *, volumes: bool = False) -> None:
     for name in [n for n in names if n in present] + sorted(present - set(names)):
         say(f"stopping {name}")
         podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), name)
+    for path in unit_dir().glob(f"container-mesh-{host}-*.service"):
+        if Path("/run/systemd/system").is_dir() and not os.environ.get("MESH_SYSTEMD_DIR"):
+            subprocess.run(["systemctl", *([] if os.geteuid() == 0 else ["--user"]), "disable", path.name],
+                           capture_output=True, check=False)
+        path.unlink()
+        say(f"removed boot unit {path.name}")
+    secrets = [n for n in podman("secret", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+               if n.startswith(f"mesh-{host}-")]
+    for name in secrets:   # made again from the keys and the environment by the next deploy
+        podman("secret", "rm", name, check=False)
+    if secrets:
+        say(f"removed {len(secrets)} Podman secret(s) of {host}")
     if volumes:
         podman("volume", "rm", "--force", f"mesh-{host}-data", check=False)
         say(f"removed volume mesh-{host}-data")
@@ -353,6 +591,9 @@ def status(host: str) -> int:
         agents = cfg.groups[group].agents
         table.add_row(group, name, state, health, ", ".join(agents), ", ".join(str(cfg.port(a, "rpc")) for a in agents))
     Console().print(table)
+    for role in sorted({group_role(cfg, g) for g in group_order(cfg, host)}):
+        size = _image_size(image_of(role))
+        say(f"image {image_of(role)}: " + (f"{size / 1e6:.0f} MB" if size else "not built (podman_build.sh build)"))
     return 0 if ok else 1
 
 
@@ -554,18 +795,29 @@ def base_cmd(tag: str = typer.Option(MESH_BASE, "--tag", help="name of the image
 @app.command("build")
 def build_cmd(groups: Optional[list[str]] = typer.Argument(
                   None, metavar="GROUP",
-                  help="groups to build for; one image serves every group, so this only checks the names"),
+                  help="build only the images these groups run (default: both images)"),
               offline: bool = typer.Option(False, "--offline",
                                            help="install every package from a wheelhouse made here"),
               base: str = typer.Option(os.environ.get("MESH_BASE_IMAGE", DEFAULT_BASE), "--base",
-                                       help="base image")) -> None:
-    """build the image"""
+                                       help="base image"),
+              role: Optional[str] = typer.Option(None, "--role", help="cpu or model: build only that image"),
+              index_url: Optional[str] = typer.Option(None, "--index-url",
+                                                      help="package index for an online build (default PyPI)")) -> None:
+    """build the CPU image (core, crawl, extract) and the model image (the gpu group)"""
     with operator_errors():
-        known = {g for path in (ROOT / "config").glob("*.yaml") for g in _groups_in(path)}
-        unknown = sorted(set(groups or []) - known)
-        if unknown:
-            raise DeployError(f"unknown group(s) {', '.join(unknown)}; groups in config/: {', '.join(sorted(known))}")
-        build(offline=offline, base=base)
+        roles = set(ROLES)
+        if groups:
+            known = {g: (path.stem, g) for path in sorted((ROOT / "config").glob("*.yaml")) for g in _groups_in(path)}
+            unknown = sorted(set(groups) - set(known))
+            if unknown:
+                raise DeployError(f"unknown group(s) {', '.join(unknown)}; groups in config/: {', '.join(sorted(known))}")
+            roles = {group_role(load_config(ROOT / "config" / f"{known[g][0]}.yaml", host=None), g) for g in groups}
+        if role is not None:
+            if role not in ROLES:
+                raise DeployError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+            roles &= {role}
+        sizes = build(offline=offline, base=base, roles=tuple(r for r in ROLES if r in roles), index_url=index_url)
+        say("images: " + ", ".join(f"{image_of(r)} {n / 1e6:.0f} MB" for r, n in sizes.items()))
 
 
 @app.command("deploy")

@@ -12,7 +12,8 @@ fi
 stamp=".venv/.installed${extras:+-$extras}"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null && ! command -v c++ >/dev/null; then
+    if [[ ",$extras," == *",model,"* ]] && ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null \
+            && ! command -v c++ >/dev/null; then
         echo "error: llama-cpp-python is compiled at install and needs a C++ compiler: apt-get install -y g++" >&2
         exit 1
     fi

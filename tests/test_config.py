@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mesh.config import ConfigError, load_config, parse_config
+from mesh.config import ConfigError, is_loopback, load_config, parse_config
+from network.security import generate
 from testing.harness import mesh_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,3 +210,57 @@ def test_settings_that_name_another_agent_are_checked_against_the_config():
     data["agents"]["crawler"]["settings"]["extractor"] = "extractor"
     data["agents"]["curiosity"]["settings"]["coordinator"] = "crawler"
     check_kinds(parse_config(data, "f.yaml"))
+
+
+@pytest.mark.parametrize("address, loopback", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("0.0.0.0", False), ("*", False), ("::", False), ("192.168.1.10", False), ("10.0.0.1", False),
+    ("eth0", False), ("mainpc.lan", False), ("", False)])
+def test_loopback_is_only_what_this_machine_alone_reaches(address, loopback):
+    assert is_loopback(address) is loopback
+
+
+def test_auto_is_curve_wherever_a_host_binds_beyond_loopback(tmp_path):
+    """`auto`: loopback without keys is plaintext; a non-loopback bind needs this host's key (the problem names
+    `meshctl keys generate HOST` and the keys dir), and uses CURVE once the key is there."""
+    keys = tmp_path / "keys"
+    security = {"keys_dir": str(keys)}
+    loopback = parse_config(cfg(security=security), "f.yaml")
+    assert loopback.security.curve == "auto" and not loopback.curve_enabled("a")
+    loopback.check_curve("a")
+    assert loopback.plaintext_warning("a") is None
+
+    exposed = parse_config(cfg(security=security, hosts__a={"address": "10.0.0.1", "bind": "0.0.0.0"}), "f.yaml")
+    assert exposed.curve_enabled("a") and not exposed.curve_enabled("b")   # b binds 127.0.0.2
+    with pytest.raises(ConfigError) as info:
+        exposed.check_curve("a")
+    ((path, message, fix),) = info.value.problems
+    assert path == "security.curve" and "binds 0.0.0.0" in message and f"{keys}/private/a.key_secret" in message
+    assert fix.startswith(f"run `meshctl keys generate a --keys-dir {keys}` on a, then copy {keys}/public/a.key")
+    assert "keys/public/ of b" in fix and "security.curve: off" in fix
+    exposed.check_curve("b")
+    generate(keys, "a")
+    exposed.check_curve("a")
+    assert exposed.curve_enabled("a")
+
+
+def test_on_needs_the_key_even_on_loopback_and_off_warns_only_beyond_it(tmp_path, monkeypatch):
+    on = parse_config(cfg(security={"curve": "on", "keys_dir": str(tmp_path / "keys")}), "f.yaml")
+    with pytest.raises(ConfigError, match="CURVE is on but this host's secret key .* is missing"):
+        on.check_curve("a")
+    monkeypatch.chdir(tmp_path)     # the default keys dir, `keys`, is where meshctl runs: the fix says where that is
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg(security={"curve": "on"})).check_curve("a")
+    assert f"run `meshctl keys generate a` on a (keys dir {tmp_path.resolve() / 'keys'}), then copy" in str(info.value)
+    off = parse_config(cfg(security={"curve": "off"}, hosts__a={"address": "10.0.0.1", "bind": "0.0.0.0"}))
+    assert not off.curve_enabled("a")
+    off.check_curve("a")
+    assert off.plaintext_warning("a") == ("CURVE is off (security.curve: off): host a's agents listen on 0.0.0.0 "
+                                          "in plaintext, so anyone on the network can talk to the agents")
+    assert off.plaintext_warning("b") is None   # 127.0.0.2: nobody else can reach it
+
+
+def test_the_shipped_two_host_mesh_says_curve_on():
+    for name in ("mesh", "mainpc", "pc2"):
+        assert load_config(ROOT / "config" / f"{name}.yaml").security.curve == "on"
+    assert load_config(ROOT / "config" / "local.yaml").security.curve == "auto"

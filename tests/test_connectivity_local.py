@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mesh.config import load_config
 from mesh.control import fetch_status
@@ -119,3 +120,53 @@ def test_connectivity_script_on_two_loopback_hosts(tmp_path, monkeypatch, mesh_u
     assert rows(report, "twin", "twin")["status"] == "pass"  # mainpc itself is fine
     view = rows(report, "twin", "twin view")
     assert view["status"] == "fail" and "probe-pc2" in view["value"]
+
+
+def probes_mesh(tmp: Path) -> tuple[Path, Path, Path]:
+    """A small two-host mesh on loopback (mainpc 127.0.0.1: the twin and a probe; pc2 127.0.0.2: a probe), without
+    keys: mainpc.yaml and pc2.yaml leave security.curve out (auto), mainpc-off.yaml says `curve: off`."""
+    base = {"mesh": {"name": "plain", "base_port": free_port_block(addresses=("127.0.0.1", "127.0.0.2")),
+                     "heartbeat_interval_s": 0.5},
+            "hosts": {"mainpc": {"address": "127.0.0.1"}, "pc2": {"address": "127.0.0.2"}},
+            "groups": {"core": {"host": "mainpc", "agents": ["twin", "probe-mainpc"]},
+                       "crawl": {"host": "pc2", "agents": ["probe-pc2"]}},
+            "agents": {"twin": {"kind": "digital_twin", "settings": {"dashboard": False}},
+                       "probe-mainpc": {"kind": "probe", "depends_on": ["twin"], "required": False},
+                       "probe-pc2": {"kind": "probe", "depends_on": ["twin"], "required": False}},
+            "security": {"keys_dir": str(tmp / "nokeys")}}
+    (tmp / "mesh.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    paths = []
+    for name, host, extra in (("mainpc", "mainpc", ""), ("pc2", "pc2", ""),
+                              ("mainpc-off", "mainpc", "security: {curve: 'off'}\n")):
+        path = tmp / f"{name}.yaml"
+        path.write_text(f"extends: mesh.yaml\nhost: {host}\nmesh: {{data_dir: '{tmp / host}'}}\n{extra}")
+        paths.append(path)
+    return paths[0], paths[1], paths[2]
+
+
+@pytest.mark.timeout(120)
+def test_a_plaintext_link_fails_the_check_unless_curve_off_was_chosen(tmp_path, mesh_up):
+    """Loopback without keys runs in plaintext (`auto`); the check fails that link, warns when the config says
+    `curve: off`, and fails it again under --require-curve."""
+    main_cfg, pc2_cfg, main_off = probes_mesh(tmp_path)
+    cfg = load_config(main_cfg)
+    assert not cfg.curve_enabled("mainpc") and not cfg.curve_enabled("pc2")
+    mesh_up(main_cfg)
+    mesh_up(pc2_cfg)
+    wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=30, what="both hosts ready")
+
+    code, report = connectivity(main_cfg)
+    curve = rows(report, "probe-pc2", "curve")
+    assert code == 1 and curve["status"] == "fail" and curve["data"]["curve_setting"] == "auto", curve
+    assert "plaintext between hosts needs `security.curve: off`" in curve["cause"]
+    assert "`meshctl keys generate mainpc --keys-dir" in curve["fix"]
+    assert [c for c in report["checks"] if c["status"] not in ("pass", "fail")] == []
+    assert {c["check"] for c in report["checks"] if c["status"] == "fail"} == {"curve"}   # only the plaintext
+
+    code, report = connectivity(main_off)
+    curve = rows(report, "probe-pc2", "curve")
+    assert code == 0 and report["ok"] and curve["status"] == "warn", json.dumps(report, indent=1)
+    assert "security.curve: off" in curve["cause"]
+
+    code, report = connectivity(main_off, "--require-curve")
+    assert code == 1 and rows(report, "probe-pc2", "curve")["status"] == "fail"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,11 +13,15 @@ import pytest
 import zmq
 import zmq.auth
 
-from mesh.control import client
+from agents.echo import EchoAgent
+from agents.twin.agent import DigitalTwin
+from mesh.config import ConfigError
+from mesh.control import client, fetch_status
+from mesh.runtime import StartupError
 from network.messages import Echo, Ping
 from network.rpc import RequestTimeout, RpcClient
 from network.security import MissingKey, load_identity, secret_path
-from testing.harness import ROOT, mesh_dict, wait_for
+from testing.harness import ROOT, MeshUp, free_port_block, mesh_dict, wait_for
 
 
 def meshctl(*args):
@@ -36,7 +42,7 @@ def keys(tmp_path):
 def test_keys_generate_and_list(keys):
     keys_dir, _ = keys
     listing = meshctl("keys", "list", "--keys-dir", str(keys_dir), "--json")
-    (entry,) = __import__("json").loads(listing.stdout)
+    (entry,) = json.loads(listing.stdout)
     assert entry["host"] == "local" and entry["secret_here"] and len(entry["public"]) == 40
     assert oct(secret_path(keys_dir, "local").stat().st_mode & 0o777) == "0o600"
     again = meshctl("keys", "generate", "local", "--keys-dir", str(keys_dir))
@@ -107,9 +113,6 @@ def test_curve_on_without_keys_is_a_clear_error(write_config, tmp_path):
     _, cfg = write_config(data)
     with pytest.raises(MissingKey, match="meshctl keys generate local"):
         load_identity(cfg.security.keys_dir, "local")
-    from agents.twin.agent import DigitalTwin
-    from mesh.runtime import StartupError
-
     with pytest.raises(StartupError, match="missing"):
         DigitalTwin("twin", cfg).start()
 
@@ -122,10 +125,93 @@ def test_missing_peer_key_is_a_startup_error_not_a_crash(write_config, tmp_path)
                      groups={"core": {"host": "local", "agents": ["twin"]}, "edge": {"host": "far", "agents": ["a"]}})
     data["security"] = {"curve": "on", "keys_dir": str(keys_dir)}
     _, cfg = write_config(data)
-    from agents.echo import EchoAgent
-    from mesh.runtime import StartupError
-
     agent = EchoAgent("a", cfg)
     with pytest.raises(StartupError, match="no public key for host 'local'"):
         agent.start()
     agent.close()
+
+
+# --- CURVE by default: a host that binds beyond loopback never runs in plaintext by accident ------------------
+
+
+def exposed_mesh(keys_dir, curve: str | None = None) -> dict:
+    """A twin and an echo agent on host `local`, bound to 0.0.0.0 (reachable from the network); `curve` as given
+    (None: left out, so `auto`)."""
+    data = mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]}},
+                     hosts={"local": {"address": "127.0.0.1", "bind": "0.0.0.0"}},
+                     base_port=free_port_block(addresses=("0.0.0.0",)))
+    data["agents"]["twin"]["settings"] = {"dashboard": False}
+    data["security"] = {"keys_dir": str(keys_dir), **({"curve": curve} if curve else {})}
+    return data
+
+
+def ports_free(cfg) -> bool:
+    for agent in cfg.agents:
+        for port in cfg.ports(agent).values():
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    return False
+    return True
+
+
+def test_up_refuses_a_bind_beyond_loopback_without_keys_then_runs_with_generated_ones(write_config, tmp_path,
+                                                                                       mesh_up):
+    keys_dir = tmp_path / "keys"
+    path, cfg = write_config(exposed_mesh(keys_dir))
+    fix = f"run `meshctl keys generate local --keys-dir {keys_dir}` on local;"
+    check = meshctl("check", "--config", str(path))
+    said = " ".join(check.stderr.split())   # as one line, however the console wrapped it
+    assert check.returncode == 2 and fix in said and "binds 0.0.0.0" in said, check.stderr
+    up = MeshUp(path, out=tmp_path / "refused.out")
+    assert up.wait(20) == 2 and up.leftovers == []
+    out = " ".join(up.output().split())
+    assert "security.curve: host local binds 0.0.0.0" in out and fix in out, out
+    assert "started" not in out and "Ctrl-C stops" not in out, out   # refused before the banner, nothing spawned
+    assert ports_free(cfg) and not (cfg.mesh.data_dir / "logs").exists()
+
+    # the fix it names, as the owner runs it: then the same config starts, with CURVE on
+    r = meshctl("keys", "generate", "local", "--keys-dir", str(keys_dir))
+    assert r.returncode == 0, r.stderr
+    assert meshctl("check", "--config", str(path)).returncode == 0
+    running = mesh_up(path)
+    wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=30, what="the mesh ready")
+    assert "curve on" in (cfg.mesh.data_dir / "logs" / "a.log").read_text()
+    assert "WARNING" not in running.output()
+
+
+def test_curve_off_beyond_loopback_starts_with_one_loud_warning(write_config, tmp_path, mesh_up):
+    path, cfg = write_config(exposed_mesh(tmp_path / "nokeys", curve="off"))
+    assert not cfg.curve_enabled("local")
+    line = ("CURVE is off (security.curve: off): host local's agents listen on 0.0.0.0 in plaintext, so anyone on "
+            "the network can talk to the agents")
+    check = meshctl("check", "--config", str(path))
+    assert check.returncode == 0 and line in check.stderr, check.stderr
+    running = mesh_up(path)
+    wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=30, what="the mesh ready")
+    warnings = [x for x in running.output().splitlines() if "WARNING" in x]
+    assert len(warnings) == 1 and line in warnings[0], running.output()
+
+
+def test_loopback_without_keys_starts_in_plaintext_without_a_warning(write_config, tmp_path, mesh_up):
+    data = mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]}})
+    data["security"] = {"curve": "auto", "keys_dir": str(tmp_path / "nokeys")}
+    path, cfg = write_config(data)
+    running = mesh_up(path)
+    wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=30, what="the mesh ready")
+    assert "curve off" in (cfg.mesh.data_dir / "logs" / "a.log").read_text()
+    assert "WARNING" not in running.output()
+
+
+def test_an_agent_refuses_to_bind_in_plaintext_where_curve_is_required(write_config, tmp_path):
+    """Started on its own (as in a container), without `meshctl up`'s check: the same refusal, before it binds."""
+    _, cfg = write_config(exposed_mesh(tmp_path / "keys"))
+    with pytest.raises(ConfigError) as expected:
+        cfg.check_curve("local")
+    for agent in (EchoAgent("a", cfg), DigitalTwin("twin", cfg)):
+        with pytest.raises(StartupError) as info:
+            agent.start()
+        agent.close()   # what the runtime does after a failed start: nothing set up yet, nothing to fail on
+        assert str(info.value) == str(expected.value) and "meshctl keys generate local" in str(info.value)
+    assert ports_free(cfg)

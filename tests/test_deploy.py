@@ -3,14 +3,17 @@ command line (every command, argument, option and default of usage(), with its e
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mesh.config import parse_config
+from mesh.config import ConfigError, parse_config
 from ops import deploy
 from testing.harness import ROOT
 
@@ -73,9 +76,18 @@ def test_script_help_and_bad_commands():
 CALLS = [  # podman_build.sh usage() -> the function it calls, with every option and default
     (["base"], "base_image", (MESH_BASE_TAG,), {}),
     (["base", "--tag", "localhost/b:1"], "base_image", ("localhost/b:1",), {}),
-    (["build"], "build", (), {"offline": False, "base": os.environ.get("MESH_BASE_IMAGE", deploy.DEFAULT_BASE)}),
-    (["build", "--offline", "--base", "IMAGE"], "build", (), {"offline": True, "base": "IMAGE"}),
-    (["build", "core", "--offline", "--base", "IMAGE"], "build", (), {"offline": True, "base": "IMAGE"}),
+    (["build"], "build", (), {"offline": False, "base": os.environ.get("MESH_BASE_IMAGE", deploy.DEFAULT_BASE),
+                              "roles": ("cpu", "model"), "index_url": None}),
+    (["build", "--offline", "--base", "IMAGE"], "build", (),
+     {"offline": True, "base": "IMAGE", "roles": ("cpu", "model"), "index_url": None}),
+    (["build", "core", "--offline", "--base", "IMAGE"], "build", (),   # the twin's group: the CPU image only
+     {"offline": True, "base": "IMAGE", "roles": ("cpu",), "index_url": None}),
+    (["build", "gpu", "crawl"], "build", (),
+     {"offline": False, "base": os.environ.get("MESH_BASE_IMAGE", deploy.DEFAULT_BASE), "roles": ("cpu", "model"),
+      "index_url": None}),
+    (["build", "--role", "model", "--index-url", "http://127.0.0.1:3141/simple/"], "build", (),
+     {"offline": False, "base": os.environ.get("MESH_BASE_IMAGE", deploy.DEFAULT_BASE), "roles": ("model",),
+      "index_url": "http://127.0.0.1:3141/simple/"}),
     (["deploy", "pc2"], "deploy", ("pc2",), {"no_gpu": False, "timeout": 120.0}),
     (["deploy", "mainpc", "--no-gpu", "--timeout", "90"], "deploy", ("mainpc",), {"no_gpu": True, "timeout": 90.0}),
     (["down", "pc2"], "down", ("pc2",), {"volumes": False}),
@@ -98,7 +110,7 @@ CALLS = [  # podman_build.sh usage() -> the function it calls, with every option
 @pytest.mark.parametrize("argv,function,args,kwargs", CALLS, ids=[" ".join(c[0]) for c in CALLS])
 def test_every_command_and_option_reaches_its_function(monkeypatch, capsys, argv, function, args, kwargs):
     seen = []
-    monkeypatch.setattr(deploy, function, lambda *a, **kw: seen.append((a, kw)) or "")
+    monkeypatch.setattr(deploy, function, lambda *a, **kw: seen.append((a, kw)) or ({} if function == "build" else ""))
     assert deploy.main(argv) == 0, capsys.readouterr()
     assert seen == [(args, kwargs)]
 
@@ -113,6 +125,8 @@ def test_exit_status_of_status_and_of_errors(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("error: no config/nowhere.yaml (hosts with a config: ")
     assert deploy.main(["build", "no-such-group"]) == 2
     assert "unknown group(s) no-such-group" in capsys.readouterr().err
+    assert deploy.main(["build", "--role", "gpu"]) == 2
+    assert "--role must be one of cpu, model, not 'gpu'" in capsys.readouterr().err
     assert deploy.main(["deploy"]) == 2  # HOST missing: a usage error
     assert deploy.main(["logs"]) == 2  # at least one GROUP|AGENT
 
@@ -121,3 +135,56 @@ def test_kube_prints_the_yaml(monkeypatch, capsys):
     monkeypatch.setattr(deploy, "kube", lambda host, no_gpu: f"# {host} {no_gpu}\n")
     assert deploy.main(["kube", "pc2"]) == 0
     assert capsys.readouterr().out == "# pc2 False\n"
+
+
+def test_kube_yaml_gpu_as_a_cdi_device_images_by_role_and_secrets_by_reference(monkeypatch, capsys):
+    monkeypatch.setattr(deploy, "CDI_SPECS", ("/nonexistent/nvidia.yaml",))   # no CDI spec on this machine
+    monkeypatch.setenv("MESH_DASHBOARD_TOKEN", "a-token-that-must-not-be-in-the-yaml")
+    data = copy.deepcopy(MESH)
+    data["agents"]["twin"]["settings"] = {"dashboard_token": "${MESH_DASHBOARD_TOKEN:-}"}
+    data["agents"]["topics"]["kind"] = "topic_model"
+    data["security"] = {"curve": "off"}
+    cfg = parse_config(data, host="mainpc")
+    text, secret = deploy.kube_yaml(cfg, "mainpc")
+    assert "warning:" in capsys.readouterr().err   # said, and written all the same
+    assert "a-token-that-must-not-be-in-the-yaml" not in text
+    pods = {d["metadata"]["name"]: d["spec"]["containers"][0] for d in yaml.safe_load_all(text)}
+    assert pods["mesh-mainpc-gpu"]["resources"] == {"limits": {"nvidia.com/gpu=all": 1}}
+    assert "resources" not in pods["mesh-mainpc-core"]
+    assert pods["mesh-mainpc-gpu"]["image"].endswith("-model:latest") and pods["mesh-mainpc-core"]["image"].endswith("-cpu:latest")
+    ref = {"secretKeyRef": {"name": "mesh-mainpc-secrets", "key": "MESH_DASHBOARD_TOKEN"}}
+    assert {"name": "MESH_DASHBOARD_TOKEN", "valueFrom": ref} in pods["mesh-mainpc-core"]["env"]
+    kept = json.loads(secret.value)   # the Secret's data, as `podman kube play` reads it from a Podman secret
+    assert base64.b64decode(kept["MESH_DASHBOARD_TOKEN"]) == b"a-token-that-must-not-be-in-the-yaml"
+    no_gpu, _ = deploy.kube_yaml(cfg, "mainpc", no_gpu=True)
+    assert "nvidia.com/gpu" not in no_gpu
+
+
+def test_secret_variables_go_in_as_files_not_in_the_environment(monkeypatch):
+    monkeypatch.setenv("MESH_DOCUMENTS_URL", "postgresql://mesh:hunter2@db/mesh")
+    monkeypatch.setenv("PC2_ADDRESS", "10.9.9.9")
+    cfg = parse_config({**copy.deepcopy(MESH), "security": {"curve": "off"}}, host="pc2")
+    spec = deploy.group_specs(cfg, "pc2", no_gpu=True)[0]
+    args = deploy.run_args(spec, cfg)
+    assert not any("hunter2" in a for a in args)
+    assert "--env=MESH_DOCUMENTS_URL_FILE=/run/secrets/mesh-documents-url" in args
+    assert "mesh-pc2-mesh-documents-url,type=mount,target=mesh-documents-url,uid=10001,gid=10001,mode=0400" in args
+    assert "--env=PC2_ADDRESS=10.9.9.9" in args
+
+
+def test_a_variable_file_fills_the_variable(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("from-a-file\n")
+    data = copy.deepcopy(MESH)
+    data["agents"]["twin"]["settings"] = {"dashboard_token": "${MESH_DASHBOARD_TOKEN:-}"}
+    cfg = parse_config(data, environ={"MESH_DASHBOARD_TOKEN_FILE": str(token)})
+    assert cfg.agents["twin"].settings["dashboard_token"] == "from-a-file"
+    with pytest.raises(ConfigError, match="cannot read MESH_DASHBOARD_TOKEN_FILE"):
+        parse_config(data, environ={"MESH_DASHBOARD_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_deploy_without_the_hosts_secret_key_says_how_to_make_it(tmp_path):
+    cfg = parse_config({**copy.deepcopy(MESH), "security": {"keys_dir": str(tmp_path / "keys")}}, host="pc2")
+    assert cfg.curve_enabled("pc2")   # a non-loopback bind: CURVE on
+    with pytest.raises(deploy.DeployError, match=r"run `meshctl keys generate pc2`"):
+        deploy.group_specs(cfg, "pc2", no_gpu=True)

@@ -240,3 +240,61 @@ def test_connectivity_names_a_key_mismatch(lab, tmp_path):
     finally:
         for host in list(m.procs):
             m.stop(host)
+
+
+@pytest.mark.parametrize("lab", [0], indirect=True, ids=["direct"])
+def test_plaintext_across_the_lab_only_with_curve_off(lab, tmp_path):
+    """Without keys, the shipped config refuses to start on a lab host (its address is not loopback) and names
+    the fix; a mesh that says `curve: off` starts with one warning naming the address, and the connectivity check
+    warns about its plaintext link (fails it under --require-curve, and from a config that leaves curve auto)."""
+    a, b = (lab.hosts[h].address for h in HOSTS)
+    env = dict(os.environ, MAINPC_ADDRESS=a, PC2_ADDRESS=b, MAINPC_BIND=a, PC2_BIND=b, COLUMNS="200",
+               MESH_KEYS_DIR=str(tmp_path / "nokeys"), MESH_DATA_DIR=str(tmp_path / "shipped"))
+    for cmd in ("check", "up"):
+        r = lab.run("pc2", [sys.executable, "-m", "ops.meshctl", cmd, "--config", "config/pc2.yaml"], cwd=ROOT,
+                    env=env, timeout=60)
+        said = " ".join((r.stdout + r.stderr).split())
+        assert r.returncode == 2 and "security.curve: CURVE is on but this host's secret key" in said, said
+        assert f"run `meshctl keys generate pc2 --keys-dir {tmp_path / 'nokeys'}` on pc2" in said, said
+    assert not (tmp_path / "shipped").exists()   # `up` stopped before any agent (or its log) was there
+
+    mesh = {"mesh": {"name": "plain", "base_port": 7600, "heartbeat_interval_s": 0.5},
+            "hosts": {"mainpc": {"address": a}, "pc2": {"address": b}},
+            "groups": {"core": {"host": "mainpc", "agents": ["twin", "probe-mainpc"]},
+                       "crawl": {"host": "pc2", "agents": ["probe-pc2"]}},
+            "agents": {"twin": {"kind": "digital_twin", "settings": {"dashboard": False}},
+                       "probe-mainpc": {"kind": "probe", "depends_on": ["twin"], "required": False},
+                       "probe-pc2": {"kind": "probe", "depends_on": ["twin"], "required": False}},
+            "security": {"curve": "off"}}
+    (tmp_path / "mesh.yaml").write_text(json.dumps(mesh))
+    for name, host, extra in (("mainpc", "mainpc", ""), ("pc2", "pc2", ""),
+                              ("mainpc-auto", "mainpc", "security: {curve: auto, keys_dir: nokeys}\n")):
+        (tmp_path / f"{name}.yaml").write_text(f"extends: mesh.yaml\nhost: {host}\n"
+                                               f"mesh: {{data_dir: '{tmp_path / host}'}}\n{extra}")
+    outs = {}
+    for host in HOSTS:
+        outs[host] = tmp_path / f"up-{host}.out"
+        with outs[host].open("wb") as out:
+            lab.spawn(host, [sys.executable, "-m", "ops.meshctl", "up", "--config", str(tmp_path / f"{host}.yaml")],
+                      cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def connectivity(config: str, *args: str) -> tuple[int, dict]:
+        r = lab.run("mainpc", [sys.executable, "test_pc2_connectivity.py", "--json", "--probes", "5", "--config",
+                               str(tmp_path / config), *args], cwd=ROOT, env=env, timeout=120)
+        return r.returncode, json.loads(r.stdout)
+
+    def curve_row(config: str, *args: str) -> tuple[int, dict]:
+        code, report = connectivity(config, *args)
+        return code, next(c for c in report["checks"] if c["agent"] == "probe-pc2" and c["check"] == "curve")
+
+    wait_for(lambda: curve_row("mainpc.yaml")[0] == 0, timeout=40, interval=1, what="both lab hosts up, in plaintext")
+    for host, address in zip(HOSTS, (a, b)):
+        warnings = [x for x in outs[host].read_text().splitlines() if "WARNING" in x]
+        assert len(warnings) == 1 and (f"host {host}'s agents listen on {address} in plaintext, so anyone on the "
+                                       f"network can talk to the agents") in warnings[0], warnings
+    code, curve = curve_row("mainpc.yaml")
+    assert code == 0 and curve["status"] == "warn" and "security.curve: off" in curve["cause"], curve
+    code, curve = curve_row("mainpc.yaml", "--require-curve")
+    assert code == 1 and curve["status"] == "fail", curve
+    code, curve = curve_row("mainpc-auto.yaml")       # auto on a LAN address needs keys: this host has none
+    assert code == 1 and curve["status"] == "fail" and "meshctl keys generate mainpc" in curve["fix"], curve

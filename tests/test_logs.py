@@ -60,12 +60,16 @@ def test_log_stderr_survives_setting_up_twice(tmp_path):
     assert [json.loads(x)["message"] for x in file_lines if x.startswith("{")] == ["hello podman"]
 
 
-def test_deployed_groups_log_to_stderr_too():
+def test_deployed_groups_log_to_stderr_too(tmp_path):
     """Every container group deploy (and kube) starts has MESH_LOG_STDERR=1, so `podman logs` shows its agents."""
     from mesh.config import load_config
     from ops import deploy
 
-    cfg = load_config(ROOT / "config" / "mainpc.yaml", environ={})
+    keys = tmp_path / "keys"   # the shipped two-host config has CURVE on: deploy needs the host's key pair
+    r = subprocess.run([sys.executable, "-m", "ops.meshctl", "keys", "generate", "mainpc", "--keys-dir", str(keys)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(ROOT / "config" / "mainpc.yaml", environ={"MESH_KEYS_DIR": str(keys)})
     specs = deploy.group_specs(cfg, "mainpc", no_gpu=True)
     assert specs and all(spec.env["MESH_LOG_STDERR"] == "1" for spec in specs)
 

@@ -1,27 +1,38 @@
-"""podman_build.sh with real Podman: base image, offline build, deploy local, status, logs,
-a redeploy that changes nothing, a killed container coming back, and down leaving nothing."""
+"""podman_build.sh with real Podman: base image, both images built offline (the CPU one without torch) and
+the CPU image online from a package index, deploy local with its secrets, status, logs, the boot units, a
+redeploy that changes nothing, a killed container coming back, down leaving nothing, kube play, and MainPC
+and PC2 on two lab hosts with keys from `meshctl keys generate` used as they are."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import version
 
 import pytest
+import yaml
 
 from mesh.config import load_config
 from mesh.control import fetch_status
+from ops.deploy import requirements
 from testing.harness import ROOT, free_port_block, wait_for
 from testing.system import missing, need, need_root
 
 pytestmark = pytest.mark.slow
 
 BASE = "localhost/mesh-base:bookworm"
-IMAGE = "localhost/agent-mesh:test"
+IMAGE = "localhost/agent-mesh:test"           # MESH_IMAGE: the images are agent-mesh-cpu:test and agent-mesh-model:test
+CPU_IMAGE, MODEL_IMAGE = "localhost/agent-mesh-cpu:test", "localhost/agent-mesh-model:test"
+TOKEN = "a-dashboard-token-for-the-podman-test"
 
 
 # The suite's Podman settings, whatever the machine's own containers.conf says: runc (crun fails on some
@@ -30,15 +41,16 @@ CONTAINERS_CONF = ROOT / "tests" / "containers.conf"
 
 
 @pytest.fixture(scope="module")
-def env():
+def env(tmp_path_factory):
     need("podman", "runc", "debootstrap")
     need_root("the Podman tests run rootful podman, which")
     offset = free_port_block(10) - 7100
     while offset > 50000:   # mesh.port_offset's ceiling; the port blocks wrap around to lower ports
         offset = free_port_block(10) - 7100
-    e = dict(os.environ, MESH_IMAGE=IMAGE, MESH_PORT_OFFSET=str(offset), COLUMNS="200")
+    e = dict(os.environ, MESH_IMAGE=IMAGE, MESH_PORT_OFFSET=str(offset), COLUMNS="200", MESH_DASHBOARD_TOKEN=TOKEN)
     e.setdefault("CONTAINERS_CONF", str(CONTAINERS_CONF))
     e.setdefault("MESH_PODMAN_OPTS", "")
+    e["MESH_SYSTEMD_DIR"] = str(tmp_path_factory.mktemp("units"))   # deploy's boot units: not into /etc here
     return e
 
 
@@ -56,19 +68,55 @@ def local_config(env):
     return load_config(ROOT / "config" / "local.yaml", environ=env)
 
 
-def test_build_deploy_status_logs_redeploy_restart_down(env):
+def in_image(env, image: str, code: str) -> subprocess.CompletedProcess:
+    return podman(env, "run", "--rm", "--entrypoint", "python", image, "-c", code)
+
+
+@pytest.mark.timeout(2700)   # both images from scratch: about 12 min on 2 cores, more while other work runs
+def test_build_deploy_status_logs_redeploy_restart_down(env, tmp_path):
     if podman(env, "image", "exists", BASE).returncode != 0:
         r = script(env, "base", "--tag", BASE)
         assert r.returncode == 0, r.stdout + r.stderr
-    r = script(env, "build", "--offline", "--base", BASE)
+    r = script(env, "build", "--offline", "--base", BASE, timeout=2400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    print(*[line for line in r.stdout.splitlines() if line.startswith(("built ", "images: "))], sep="\n")
+    # the CPU image runs the crawl and the extraction without torch; the model image has it
+    cpu = in_image(env, CPU_IMAGE, "import importlib.util, agents.crawler.agent, agents.extractor.agent, agents.twin.agent;"
+                                   "print([m for m in ('torch', 'llama_cpp', 'sentence_transformers', 'faiss')"
+                                   " if importlib.util.find_spec(m)])")
+    assert cpu.returncode == 0 and cpu.stdout.strip() == "[]", cpu.stdout + cpu.stderr
+    model = in_image(env, MODEL_IMAGE, "import torch, llama_cpp, agents.topics.agent; print('ok')")
+    assert model.returncode == 0 and model.stdout.strip() == "ok", model.stderr
     cfg = local_config(env)
+    units = tmp_path / "units"
+    e = dict(env, MESH_SYSTEMD_DIR=str(units))
     try:
-        r = script(env, "deploy", "local", "--timeout", "90")
+        r = script(e, "deploy", "local", "--timeout", "120")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "core: ready" in r.stdout and "tools: ready" in r.stdout
         assert r.stdout.index("mesh-local-core") < r.stdout.index("mesh-local-tools")  # dependency order
         assert fetch_status(cfg).mesh_state == "ready"
+        assert {c: podman(env, "inspect", f"mesh-local-{c}", "--format", "{{.ImageName}}").stdout.strip()
+                for c in ("core", "crawl", "learn")} == {"core": CPU_IMAGE, "crawl": CPU_IMAGE, "learn": MODEL_IMAGE}
+
+        # the dashboard token is a Podman secret file, readable by the agents' user only, not in the environment
+        core = podman(env, "inspect", "mesh-local-core")
+        assert core.returncode == 0 and TOKEN not in core.stdout
+        seen = podman(env, "exec", "mesh-local-core", "sh", "-c",
+                      "stat -c '%u %a' /run/secrets/mesh-dashboard-token; env | grep -c DASHBOARD_TOKEN=; "
+                      "python -c \"from mesh.config import load_config; import os; "
+                      "print(load_config(os.environ['MESH_CONFIG']).agents['twin'].settings['dashboard_token'])\"")
+        assert seen.stdout.split() == ["10001", "400", "0", TOKEN], seen.stdout + seen.stderr
+
+        # boot: one unit per group, each after the one before, as systemd reads them
+        names = [f"container-mesh-local-{g}.service" for g in ("core", "tools", "crawl", "learn")]
+        assert sorted(p.name for p in units.iterdir()) == sorted(names)
+        learn = (units / names[-1]).read_text()
+        assert "After=container-mesh-local-crawl.service" in learn and "podman start mesh-local-learn" in learn
+        if shutil.which("systemd-analyze"):
+            verify = subprocess.run(["systemd-analyze", "verify", *[str(units / n) for n in names]],
+                                    capture_output=True, text=True)
+            assert verify.returncode == 0, verify.stdout + verify.stderr
 
         st = script(env, "status", "local")
         assert st.returncode == 0, st.stdout + st.stderr
@@ -97,18 +145,62 @@ def test_build_deploy_status_logs_redeploy_restart_down(env):
         wait_for(lambda: fetch_status(cfg, timeout=1).mesh_state == "ready", timeout=60, what="mesh ready again")
         assert podman(env, "inspect", "mesh-local-tools", "--format", "{{.RestartCount}}").stdout.strip() != "0"
     finally:
-        down = script(env, "down", "local", "--volumes")
+        down = script(e, "down", "local", "--volumes")
     assert down.returncode == 0, down.stdout + down.stderr
+    assert list(units.iterdir()) == []
     left = podman(env, "ps", "--all", "--filter", "label=mesh.host=local", "--format", "{{.Names}}").stdout.split()
     assert left == []
     assert podman(env, "volume", "exists", "mesh-local-data").returncode != 0
 
 
+@pytest.mark.timeout(1800)
+def test_cpu_image_builds_online_from_a_package_index(env, tmp_path):
+    """The online build (no --offline): the dependencies come from a package index, here one served from a
+    wheelhouse made on this machine (the build reaches no public index); the project from its own wheel."""
+    if podman(env, "image", "exists", BASE).returncode != 0:
+        pytest.skip("runs after the build test (base image missing)")
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels),
+                        *[q.split(";")[0] for q in requirements("cpu")]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    index = tmp_path / "index"   # PEP 503: one folder per project; http.server's listing is the page of links
+    for wheel in wheels.glob("*.whl"):
+        project = index / re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()   # PEP 503's normalised name
+        project.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(wheel, project / wheel.name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(index)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    image = "localhost/agent-mesh-cpu:online"
+    try:
+        b = script(dict(env, MESH_IMAGE="localhost/agent-mesh:online"), "build", "--role", "cpu", "--base", BASE,
+                   "--index-url", f"http://127.0.0.1:{server.server_address[1]}/", timeout=1800)
+        assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-2000:]
+        assert QuietHandler.served, "the build took nothing from the index"
+        got = in_image(env, image, "import importlib.metadata as m, agents.crawler.agent; print(m.version('agent-mesh'))")
+        assert got.returncode == 0 and got.stdout.strip() == version("agent-mesh"), got.stdout + got.stderr
+    finally:
+        server.shutdown()
+        podman(env, "rmi", "--force", image)
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    served: list[str] = []
+
+    def log_message(self, format: str, *args) -> None:   # noqa: A002 (the base class's name)
+        QuietHandler.served.append(self.path)
+
+
 def test_kube_yaml_is_played_by_podman(env, tmp_path):
-    if podman(env, "image", "exists", IMAGE).returncode != 0:
+    if podman(env, "image", "exists", CPU_IMAGE).returncode != 0:
         pytest.skip("runs after the build test (image missing)")
     r = script(env, "kube", "local")
     assert r.returncode == 0, r.stderr
+    assert TOKEN not in r.stdout   # referred to, not carried
+    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(r.stdout)}
+    twin = docs["mesh-local-core"]["spec"]["containers"][0]
+    assert {"name": "MESH_DASHBOARD_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mesh-local-secrets",
+                                                                            "key": "MESH_DASHBOARD_TOKEN"}}} in twin["env"]
+    assert twin["image"] == CPU_IMAGE and docs["mesh-local-learn"]["spec"]["containers"][0]["image"] == MODEL_IMAGE
     path = tmp_path / "local.yaml"
     path.write_text(r.stdout)
     cfg = local_config(env)
@@ -121,6 +213,7 @@ def test_kube_yaml_is_played_by_podman(env, tmp_path):
     finally:
         down = podman(env, "kube", "down", str(path))
         podman(env, "volume", "rm", "--force", "mesh-local-data")
+        podman(env, "secret", "rm", "mesh-local-secrets")
     assert down.returncode == 0, down.stderr
     assert podman(env, "pod", "ps", "--filter", "label=app=agent-mesh", "--format", "{{.Name}}").stdout.split() == []
 
@@ -139,10 +232,8 @@ def test_mainpc_and_pc2_in_podman_on_two_lab_hosts(env, tmp_path):
     r = subprocess.run([str(ROOT / ".venv" / "bin" / "meshctl") if (ROOT / ".venv").exists() else "meshctl",
                         "keys", "generate", "mainpc", "pc2", "--keys-dir", str(keys)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    keys.chmod(0o755)
-    for f in (keys / "private").iterdir():
-        f.chmod(0o644)  # read by the containers' non-root user through the read-only mount
-    (keys / "private").chmod(0o755)
+    modes = {p: p.stat().st_mode & 0o777 for p in [keys / "private", *(keys / "private").iterdir()]}
+    assert set(modes.values()) <= {0o700, 0o600}
     with Lab(("mainpc", "pc2")) as lab:
         a, b = lab.hosts["mainpc"].address, lab.hosts["pc2"].address
         e = dict(env, MAINPC_ADDRESS=a, PC2_ADDRESS=b, MAINPC_BIND=a, PC2_BIND=b, MESH_KEYS_DIR=str(keys))
@@ -164,5 +255,7 @@ def test_mainpc_and_pc2_in_podman_on_two_lab_hosts(env, tmp_path):
         finally:
             for host in ("pc2", "mainpc"):
                 run(host, "down", host, "--volumes")
+    # the secret keys were used as they are: nothing made them readable by others
+    assert {p: p.stat().st_mode & 0o777 for p in modes} == modes
     left = podman(env, "ps", "--all", "--filter", "label=mesh.group", "--format", "{{.Names}}").stdout.split()
     assert not [n for n in left if n.startswith(("mesh-mainpc-", "mesh-pc2-"))]

@@ -83,6 +83,7 @@ class CuriositySettings(AgentSettings):
 
 class CuriosityAgent(Agent):
     kind = "curiosity"
+    image = "model"   # needs the `model` extra (podman_build.sh: the model image)
     Settings = CuriositySettings
 
     def __init__(self, name, config) -> None:

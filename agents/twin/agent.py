@@ -155,6 +155,7 @@ class DigitalTwin(Agent):
     kind = "digital_twin"
     Settings = TwinSettings
     uses_twin = False
+    dashboard: Dashboard | None = None   # also when start() failed before setup(): close() must still work
 
     def setup(self) -> None:
         cfg = self.config

@@ -103,6 +103,7 @@ class Baseline:
 
 class VramOptimizer(Agent):
     kind = "vram_optimizer"
+    image = "model"   # needs the `model` extra (podman_build.sh: the model image)
     Settings = VramSettings
 
     def setup(self) -> None:

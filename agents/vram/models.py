@@ -94,6 +94,7 @@ class Slot:
 
 class ModelManager(Agent):
     kind = "model_manager"
+    image = "model"   # needs the `model` extra (podman_build.sh: the model image)
     Settings = ModelManagerSettings
 
     def __init__(self, name, config) -> None:

@@ -9,7 +9,8 @@ For every agent placed on the other host (the probe, and the twin when it lives 
 checks, each with a timeout, and prints one table with the measured values:
 
   tcp rpc/pub/metrics   plain TCP connect: "refused" (nothing listens) vs "no answer" (address, link, firewall)
-  curve                 a mesh.ping with this host's CURVE keys is answered (off: a warning)
+  curve                 a mesh.ping with this host's CURVE keys is answered (plaintext: a failure; a warning
+                        only when the config says `security.curve: off`)
   curve: unknown key    a throwaway key pair gets no answer (the remote admits only known keys)
   rpc                   N mesh.ping round trips: p50 / p99
   clock                 the remote's clock against ours, from the replies' envelope timestamps

@@ -48,7 +48,9 @@ def connectivity(
     max_skew: float = typer.Option(0.5, "--max-skew", show_default=False,
                                    callback=_must(lambda v: v >= 0, "must be >= 0"),
                                    help="largest clock skew allowed, seconds (default 0.5)"),
-    require_curve: bool = typer.Option(False, "--require-curve", help="CURVE off is a failure, not a warning"),
+    require_curve: bool = typer.Option(False, "--require-curve",
+                                       help="a plaintext link fails even when the config says security.curve: off "
+                                            "(without this, explicit off is a warning)"),
     deadline: float = typer.Option(120.0, "--deadline", show_default=False,
                                    help="hard limit for the whole run in seconds: past it, every thread's stack is "
                                         "printed and the run exits 1 (default 120)"),

@@ -1,11 +1,12 @@
-"""2. CURVE: a mesh.ping with this host's keys must be answered (CURVE off: a warning, or a failure
-under --require-curve), and, with CURVE on, one with a throwaway key pair must not be."""
+"""2. CURVE: a mesh.ping with this host's keys must be answered, and one with a throwaway key pair must not be.
+A plaintext link fails, unless the config says `security.curve: off` in so many words: then it is a warning (and
+still a failure under --require-curve)."""
 
 from __future__ import annotations
 
 import zmq
 
-from network.security import MissingKey
+from network.security import MissingKey, generate_command, secret_path
 from ops.connectivity.handshake import Attempt, watched_ping
 from ops.connectivity.report import FAIL, PASS, WARN, Check, fmt_ms
 from ops.connectivity.session import Session
@@ -43,18 +44,24 @@ def _keys_fix(s: Session, host: str) -> str:
 
 
 def _curve_off(s: Session, agent: str) -> Check:
-    """CURVE is off here: a plain ping answered is a warning; refused, the other host requires CURVE."""
+    """CURVE is off here: a plain ping answered fails, unless `curve: off` was chosen (then a warning, but a
+    failure under --require-curve); refused, the other host requires CURVE."""
     host, link, me = s.cfg.host_of(agent), s.link(agent), s.me
     attempt = watched_ping(s, s.cfg.endpoint(agent, "rpc"), None, s.timeout)
     if attempt.outcome == "answered":
-        status = FAIL if s.opts.require_curve else WARN
+        chosen = s.cfg.security.curve == "off"
+        status = WARN if chosen and not s.opts.require_curve else FAIL
+        why = ("security.curve: off" if chosen else
+               f"security.curve {s.cfg.security.curve}, no {secret_path(s.cfg.security.keys_dir, me)}, "
+               f"loopback only")
         return Check(link, agent, host, "curve", status, "CURVE off (plain text, anyone admitted)",
-                     f"CURVE is off on {me} (security.curve {s.cfg.security.curve}, no "
-                     f"{s.cfg.security.keys_dir}/private/{me}.key_secret): links are unencrypted and "
-                     f"unauthenticated",
-                     "meshctl keys generate mainpc pc2 (on one host), copy keys/public/*.key to both "
-                     "hosts and keys/private/<host>.key_secret to its own host only, restart both meshes",
-                     {"curve": False, "answered": True})
+                     f"CURVE is off on {me} ({why}): links are unencrypted and unauthenticated"
+                     + ("" if chosen else "; plaintext between hosts needs `security.curve: off` in so many words"),
+                     f"`{generate_command(s.cfg.security.keys_dir, me)}` on {me} and "
+                     f"`{generate_command(s.cfg.security.keys_dir, host)}` on {host}, copy each host's "
+                     f"keys/public/HOST.key to the other's keys/public/, set security.curve: on, restart both "
+                     f"meshes ({s.up_cmd(me)} on {me}, {s.up_cmd(host)} on {host})",
+                     {"curve": False, "answered": True, "curve_setting": s.cfg.security.curve})
     if attempt.outcome in ("refused_auth", "handshake_failed"):
         return Check(link, agent, host, "curve", FAIL, f"handshake refused ({attempt.detail})",
                      f"{host} requires CURVE but it is off on {me} (no "

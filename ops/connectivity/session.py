@@ -24,7 +24,7 @@ class Options:
     timeout: float = 2.0  # per check, seconds
     probes: int = 50  # mesh.ping round trips per link
     max_skew: float = 0.5  # largest clock skew allowed, seconds
-    require_curve: bool = False  # CURVE off is a failure, not a warning
+    require_curve: bool = False  # plaintext is a failure even with an explicit `curve: off` (else a warning)
     config: str | None = None  # --config as given: the other hosts' configs are looked for beside it
 
 

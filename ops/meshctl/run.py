@@ -98,6 +98,7 @@ def up(config: str = ConfigOpt, host: Optional[str] = HostOpt,
             cfg.agents[name].settings["seeds"] = list(seeds)
     try:
         sup = Supervisor(cfg, host=host, only=only, log_level=log_level, backoff_initial_s=restart_backoff)
+        cfg.check_curve(sup.host)   # said before the banner; the supervisor asks again before it binds anything
     except (ValueError, ConfigError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -170,13 +171,26 @@ def plan(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
         console.print(f"[bold]{i}.[/] " + escape("\n   ".join(parts)))
 
 
-def check(config: str = ConfigOpt) -> None:
-    """Validate a config file and say what is wrong with it."""
-    cfg = load(config)
+def check(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
+    """Validate a config file and say what is wrong with it; for the host it runs as (`host:`, --host, or its
+    only host), also whether its agents may start as `up` would start them (CURVE keys)."""
+    cfg = load(config, host)
+    me = cfg.this_host if cfg.host or len(cfg.hosts) == 1 else None
+    problems = []
     try:
         check_kinds(cfg)
     except ConfigError as exc:
-        raise config_error(exc) from None
+        problems += exc.problems
+    if me is not None:
+        try:
+            cfg.check_curve(me)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise config_error(ConfigError(cfg.source, problems))
+    warning = cfg.plaintext_warning(me) if me is not None else None
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}")
     console.print(f"{config}: ok ({len(cfg.hosts)} host(s), {len(cfg.groups)} group(s), {len(cfg.agents)} agent(s))")
 
 
