@@ -164,6 +164,7 @@ class TopicsReply(Message):
     exact_duplicates: int = 0   # same content hash as an earlier document
     index: str = ""             # faiss index kind and size
     device: str = ""
+    profile: str = ""           # the host's hardware profile and what it runs ("profile cpu: int8 ONNX, ...")
 
 
 class DocScored(Message):

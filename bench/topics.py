@@ -1,24 +1,31 @@
-"""Documents per minute through the topic model agent (embed + dedup + topic + novelty + store),
-beside a bare SentenceTransformer.encode of the same documents, in the same run.
+"""Documents per minute through the topic model agent (embed + dedup + topic + novelty + store) on the cpu hardware
+profile (int8 ONNX), beside the same agent on torch fp32, on the same documents, in the same run; and what the int8
+model changes: document vectors against fp32, near-duplicate precision and recall.
 
-Documents: the main text of python3-doc pages (/usr/share/doc/python3/html; `--docs N`, default 200),
-extracted once before anything is timed. They are long (about 18,000 characters on average), so the
-comparison is made two ways, both in this run, on the same model (all-MiniLM-L6-v2) and the same CPU:
+Documents: the main text of python3-doc pages (/usr/share/doc/python3/html; `--docs N`, default 200), extracted once
+before anything is timed. They are long (about 18,000 characters on average) and are read whole: cut into 254-token
+windows, at most 16 per document (both profiles), pooled.
 
-* bare encode, same text -- `model.encode(chunks)` over exactly the chunks the agent embeds (every
-  document split into 256-token windows, at most max_chunks per document): the same model work,
-  without anything around it. `ratio` is ours against this: what the pipeline costs on top of encode.
-* bare encode, truncated -- `model.encode(documents)`: sentence-transformers cuts each document at
-  256 tokens and silently drops the rest. Faster, and not what the agent is asked to do ("long
-  documents are chunked and pooled rather than cut silently"); reported as `truncated_ratio`.
-* ours -- the real agent: `meshctl up` with a twin and a topic_model agent on an empty SQLite document
-  store; once it is ready, the documents are inserted and the clock runs until every one is scored
-  (embedding, faiss near-duplicate check, topic, novelty, written back, doc.scored published).
+* torch -- the agent as it ran before hardware profiles: `hosts.local.profile: gpu` with `device: cpu` (torch fp32 on
+  the CPU, batch 32).
+* ours -- the agent on `hosts.local.profile: cpu`: int8 ONNX through onnxruntime, threads = this process's CPUs,
+  batch 64. The export is made once, before the rounds (its time is printed), and copied into each run's data dir,
+  so no timed run includes it.
 
-Last line: RESULT docs_per_min=<ours> ratio=<ours/bare encode of the same text> truncated_ratio=<...>
-          encode_docs_per_min=<...> truncated_docs_per_min=<...> docs=<N>
+Each is `meshctl up` with a twin and a topic_model agent on an empty SQLite document store; once it is ready the
+documents are inserted and the clock runs until every one is scored (embedding, faiss near-duplicate check, topic,
+novelty, written back, doc.scored published). Rounds alternate torch and ours; medians are reported.
 
-Usage: .venv/bin/python bench/topics.py [--docs 200] [--rounds 1] [--max-chunks 16]
+Quality: `cosine_vs_torch` is the mean cosine between the two agents' stored semantic vectors (the pooled MiniLM part
+of data/topics/vectors.f32, lexical part left out: it is the same text either way) of every document; `dedup_p` and
+`dedup_r` are the near-duplicate precision and recall of the int8 embedder's vectors on tests/test_dedup.py's real set
+(40 originals, 80 edited copies, sibling pages; threshold 0.85), beside torch's. `--small` also runs the small profile
+(at most 4 chunks per document) and says what share of the documents' chunks and tokens it reads.
+
+Last line: RESULT docs_per_min=<ours> vs_torch=<ours / torch> cosine_vs_torch=<mean> dedup_p=<...> dedup_r=<...>
+          torch_docs_per_min=<...> cosine_min=<...> docs=<N>
+
+Usage: .venv/bin/python bench/topics.py [--docs 200] [--rounds 1] [--small]
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,6 +49,7 @@ from bench._util import run_main
 from testing.harness import MeshUp, free_port_block, write_config  # noqa: E402
 
 PYDOC = Path("/usr/share/doc/python3/html")
+MODEL_DIM, LEXICAL_DIM = 384, 1024   # all-MiniLM-L6-v2, the default lexical signature
 
 
 def _text(path: str) -> str:
@@ -60,26 +69,60 @@ def load_docs(n: int) -> list[tuple[str, str]]:
     return [(f"http://127.0.0.1/{Path(f).relative_to(root)}", t) for f, t in zip(chosen, texts) if t]
 
 
-def bare(texts: list[str], max_chunks: int) -> tuple[float, float, int]:
-    """(seconds to encode the chunks, seconds to encode the truncated documents, chunks)."""
-    from agents.embedding import Embedder, _spread
+def export_once(cache: Path) -> tuple[float, object]:
+    """The int8 export into `cache` (seconds), and the cpu profile's embedder."""
+    from agents.embedding import Embedder, resolve_profile
 
-    emb = Embedder(device="cpu", max_chunks=max_chunks)
-    model = emb.model
-    chunks: list[str] = []
-    for t in texts:   # exactly the chunks the agent embeds: every window, or max_chunks spread over the document
-        mine = emb.chunk(t)
-        chunks.extend(mine if len(mine) <= max_chunks else [mine[i] for i in _spread(len(mine), max_chunks)])
-    model.encode(texts[:8], batch_size=32, show_progress_bar=False)   # warm-up
+    p = resolve_profile("cpu")
     t0 = time.perf_counter()
-    model.encode(chunks, batch_size=32, show_progress_bar=False, normalize_embeddings=True)
-    t1 = time.perf_counter()
-    model.encode(texts, batch_size=32, show_progress_bar=False, normalize_embeddings=True)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, len(chunks)
+    emb = Embedder(device="cpu", backend=p.backend, batch_size=p.batch_size, max_chunks=p.max_chunks,
+                   threads=p.threads, cache_dir=cache)
+    return time.perf_counter() - t0, emb
 
 
-def ours(docs: list[tuple[str, str]], max_chunks: int, tmp: Path) -> float:
+def dedup_quality(embedders: dict) -> dict[str, tuple[float, float]]:
+    """Near-duplicate (precision, recall) of each embedder on tests/test_dedup.py's set."""
+    from agents.topics.dedup import DuplicateIndex
+    from tests.test_dedup import THRESHOLD, Pages, build_test_set
+
+    pages = Pages(PYDOC.resolve())
+    ts = build_test_set(pages)
+    originals, positives, negatives = ts["originals"], ts["positives"], ts["negatives"]
+    texts = [pages.text(r) for r in originals] + [t for _, _, t in positives] + [pages.text(r) for r in negatives]
+    n_o, n_p = len(originals), len(positives)
+    out = {}
+    for name, emb in embedders.items():
+        vectors = emb.embed(texts).vectors
+        index = DuplicateIndex(vectors.shape[1], threshold=THRESHOLD)
+        among = index.check_and_add(range(n_o), vectors[:n_o])
+        pos_found = index.search(vectors[n_o:n_o + n_p])
+        neg_found = index.search(vectors[n_o + n_p:])
+        tp = sum(found == i for (found, _), (i, _, _) in zip(pos_found, positives))
+        fp = sum(found is not None and found != i for (found, _), (i, _, _) in zip(pos_found, positives))
+        fp += sum(found is not None for found, _ in neg_found) + sum(found is not None for found, _ in among)
+        out[name] = (tp / (tp + fp) if tp + fp else 1.0, tp / n_p)
+    return out
+
+
+def share_read(emb, texts: list[str], max_chunks: int) -> tuple[float, float, float]:
+    """(share of chunks, share of tokens, share of documents read whole) with at most `max_chunks` chunks per
+    document."""
+    from agents.embedding import _spread
+
+    chunks = kept = tokens = kept_tokens = whole = 0
+    encodings = emb._tokenize([t for t in texts if t.strip()])
+    for enc in encodings:
+        _, counts = emb._token_windows(enc)
+        keep = _spread(len(counts), max_chunks)
+        chunks, kept, whole = chunks + len(counts), kept + len(keep), whole + (len(keep) == len(counts))
+        tokens, kept_tokens = tokens + sum(counts), kept_tokens + sum(counts[k] for k in keep)
+    return kept / chunks, kept_tokens / tokens, whole / len(encodings)
+
+
+def ours(docs: list[tuple[str, str]], profile: str, tmp: Path, models: Path) -> tuple[float, dict[str, object]]:
+    """(seconds to score every document, url -> stored semantic vector) for the agent on `profile`."""
+    import numpy as np
+
     from mesh.config import load_config
     from mesh.control import client
     from network.messages import Ping
@@ -87,20 +130,22 @@ def ours(docs: list[tuple[str, str]], max_chunks: int, tmp: Path) -> float:
 
     base = free_port_block(30)
     data = tmp / f"data-{base}"
+    shutil.copytree(models, data / "models" / "onnx")
+    torch = profile == "torch"
+    settings = {"source": None, "poll_s": 0.05, **({"device": "cpu"} if torch else {})}
     cfg_path = write_config({
         "mesh": {"name": "bench-topics", "base_port": base, "heartbeat_interval_s": 1.0, "data_dir": str(data)},
         "security": {"curve": "off"},
-        "hosts": {"local": {"address": "127.0.0.1"}},
+        "hosts": {"local": {"address": "127.0.0.1", "profile": "gpu" if torch else profile}},
         "groups": {"core": {"host": "local", "agents": ["twin"]}, "learn": {"host": "local", "agents": ["topics"]}},
         "agents": {"twin": {"kind": "digital_twin"},
-                   "topics": {"kind": "topic_model", "depends_on": ["twin"],
-                              "settings": {"source": None, "poll_s": 0.05, "device": "cpu", "max_chunks": max_chunks}}},
+                   "topics": {"kind": "topic_model", "depends_on": ["twin"], "settings": settings}},
     }, tmp / f"topics-{base}.yaml")
     cfg = load_config(cfg_path)
     up = MeshUp(cfg_path, out=tmp / f"up-{base}.out")
     try:
         with client(cfg, "topics", timeout=1.0) as c:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 try:
                     if c.request(Ping()).state == "ready":
@@ -119,8 +164,13 @@ def ours(docs: list[tuple[str, str]], max_chunks: int, tmp: Path) -> float:
         while store.pending_topic(1):
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
+        rows = np.fromfile(data / "topics" / "vectors.f32", dtype=np.float32).reshape(-1, MODEL_DIM + LEXICAL_DIM)
+        semantic = {}
+        for url, _ in docs:
+            v = rows[store.get(url).embedding_id, :MODEL_DIM]
+            semantic[url] = v / np.linalg.norm(v)
         store.close()
-        return elapsed
+        return elapsed, semantic
     finally:
         up.stop()
 
@@ -129,29 +179,45 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--max-chunks", type=int, default=16)
+    ap.add_argument("--small", action="store_true", help="also time the small profile and say what share it reads")
     args = ap.parse_args()
     if not (PYDOC / "index.html").exists():
         print("python3-doc is not installed: apt-get install -y python3-doc", file=sys.stderr)
         return 2
+    from agents.embedding import SMALL_MAX_CHUNKS, Embedder
+
     docs = load_docs(args.docs)
     texts = [t for _, t in docs]
     n = len(docs)
-    print(f"{n} python3-doc pages, {sum(map(len, texts)) / n:.0f} characters on average; max_chunks {args.max_chunks}")
-    same, trunc, mine = [], [], []
+    print(f"{n} python3-doc pages, {sum(map(len, texts)) / n:.0f} characters on average", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-topics-") as tmp:
+        models = Path(tmp) / "models"
+        export_s, fast = export_once(models)
+        print(f"int8 export {export_s:.1f}s (once, untimed below); {fast.onnx.threads} onnxruntime thread(s)",
+              flush=True)
+        if args.small:
+            for cap in (16, SMALL_MAX_CHUNKS):
+                chunks, tokens, whole = share_read(fast, texts, cap)
+                print(f"at most {cap} chunks per document: {chunks:.1%} of the chunks, {tokens:.1%} of the tokens "
+                      f"of these pages embedded, {whole:.1%} of them whole (the lexical signature reads all the text)")
+        per_min: dict[str, list[float]] = {"torch": [], "cpu": [], "small": []}
+        vectors: dict[str, dict] = {}
         for r in range(args.rounds):
-            enc_s, trunc_s, chunks = bare(texts, args.max_chunks)
-            same.append(n / enc_s * 60)
-            trunc.append(n / trunc_s * 60)
-            ours_s = ours(docs, args.max_chunks, Path(tmp))
-            mine.append(n / ours_s * 60)
-            print(f"round {r + 1}: bare encode of the {chunks} chunks {enc_s:.1f}s ({same[-1]:.0f} docs/min), "
-                  f"bare encode truncated {trunc_s:.1f}s ({trunc[-1]:.0f} docs/min), ours {ours_s:.1f}s "
-                  f"({mine[-1]:.0f} docs/min)")
-    o, s, t = statistics.median(mine), statistics.median(same), statistics.median(trunc)
-    print(f"RESULT docs_per_min={o:.1f} ratio={o / s:.3f} truncated_ratio={o / t:.3f} encode_docs_per_min={s:.1f} "
-          f"truncated_docs_per_min={t:.1f} docs={n}")
+            for profile in ("torch", "cpu") + (("small",) if args.small else ()):
+                seconds, vectors[profile] = ours(docs, profile, Path(tmp), models)
+                per_min[profile].append(n / seconds * 60)
+                print(f"round {r + 1}: {profile:5s} agent {seconds:.1f}s ({per_min[profile][-1]:.1f} docs/min)",
+                      flush=True)
+        cos = [float(vectors["cpu"][u] @ vectors["torch"][u]) for u, _ in docs]
+        quality = dedup_quality({"cpu": fast, "torch": Embedder(device="cpu")})
+    for name, (p, rec) in quality.items():
+        print(f"near-duplicates, {name}: precision {p:.3f} recall {rec:.3f}")
+    o, t = statistics.median(per_min["cpu"]), statistics.median(per_min["torch"])
+    if args.small:
+        print(f"small profile agent: {statistics.median(per_min['small']):.1f} docs/min")
+    print(f"RESULT docs_per_min={o:.1f} vs_torch={o / t:.2f} cosine_vs_torch={statistics.mean(cos):.4f} "
+          f"dedup_p={quality['cpu'][0]:.3f} dedup_r={quality['cpu'][1]:.3f} torch_docs_per_min={t:.1f} "
+          f"cosine_min={min(cos):.4f} docs={n}")
     return 0
 
 

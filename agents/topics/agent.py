@@ -5,7 +5,8 @@ Its work queue is the document store itself: every extracted document without an
 rest, so nothing depends on an event arriving. For each batch, on a worker thread:
 
   1. exact duplicates by content hash (no embedding needed: they share the original's);
-  2. embeddings (sentence-transformers; long texts chunked and pooled, see agents/embedding.py),
+  2. embeddings (sentence-transformers in torch, or its int8 ONNX export on a cpu or small host: the
+     host's hardware profile; long texts chunked and pooled, see agents/embedding.py),
      appended to data/topics/vectors.f32 (row number = embedding_id) before anything else;
   3. near-duplicates: cosine similarity in a faiss index (agents/topics/dedup.py); a near-duplicate is
      stored with duplicate_of and takes its original's topic without feeding the topic model again;
@@ -32,14 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
 from agents.contracts import DocScored, DocStored, Generate, Generated, TopicsReply, TopicsRequest, TopicSummary
-from agents.embedding import Embedder
+from agents.embedding import Embedder, EmbedderError, Profile, resolve_profile
 from agents.gpu import EstimateError, VramClient, estimate_sentence_transformer
-from mesh.config import AgentRef, ConfigError
+from agents.onnxmodel import default_cache_dir
+from mesh.config import AgentRef, ConfigError, MeshConfig
 from mesh.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
+from network.messages import AgentState
 from network.rpc import MeshError
 from store.docstore import DocStore, Document, Scores, StoreUnavailable, open_docstore
 
@@ -47,8 +50,12 @@ from store.docstore import DocStore, Document, Scores, StoreUnavailable, open_do
 class TopicSettings(AgentSettings):
     model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: name or directory")
     device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:N")
-    batch_size: int = Field(32, ge=1, le=4096, description="chunks per forward pass")
-    max_chunks: int = Field(16, ge=1, le=1024, description="chunks embedded per document (spread over it)")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="chunks per forward pass (default: the host's "
+                                   "hardware profile's: 32 on gpu, 64 on cpu and small)")
+    max_chunks: int | None = Field(None, ge=1, le=1024, description="chunks embedded per document, spread over it "
+                                   "(default: the profile's: 16, 4 on small)")
+    threads: int | None = Field(None, ge=1, le=1024, description="onnxruntime threads of the cpu and small profiles "
+                                "(default: the CPUs this process may use)")
     batch_docs: int = Field(64, ge=1, le=10_000, description="documents taken from the store per pass")
     duplicate_threshold: float = Field(0.85, gt=0, le=1, description="cosine similarity of a near-duplicate")
     hnsw_above: int = Field(20_000, ge=1, description="the faiss index turns from flat to HNSW past this size")
@@ -70,6 +77,33 @@ class TopicSettings(AgentSettings):
                                     "only one)")
     label_every_s: float = Field(30.0, gt=0, description="look for topics whose keywords changed this often")
 
+    @model_validator(mode="after")
+    def _device_fits_profile(self, info: ValidationInfo) -> TopicSettings:
+        """A CUDA device on a host whose profile is cpu or small cannot work: said by `meshctl check`."""
+        ctx = info.context or {}
+        config, agent = ctx.get("config"), ctx.get("agent")
+        if config is None or agent is None or not self.device.strip().lower().startswith("cuda"):
+            return self
+        host = config.host_of(agent)
+        profile = config.hosts[host].profile
+        if profile in ("cpu", "small"):
+            raise ValueError(f"device {self.device!r} on host {host!r}, whose hardware profile is {profile} (int8 "
+                             f"ONNX on the CPU): set hosts.{host}.profile to gpu or auto, or device to auto or cpu")
+        return self
+
+
+def host_profile(config: MeshConfig, agent: str, settings: TopicSettings, *, cuda: bool | None = None,
+                 cores: int | None = None) -> Profile:
+    """The hardware profile `agent` runs: its host's `profile` (hosts.HOST.profile, default auto) with the agent's
+    explicit device, batch_size, max_chunks and threads (agents/embedding.py `resolve_profile` says how). `cuda` and
+    `cores` default to this machine's. ConfigError when the two cannot go together (a CUDA device on a cpu host)."""
+    host = config.host_of(agent)
+    try:
+        return resolve_profile(config.hosts[host].profile, device=settings.device, batch_size=settings.batch_size,
+                               max_chunks=settings.max_chunks, threads=settings.threads, cuda=cuda, cores=cores)
+    except EmbedderError as exc:
+        raise ConfigError(config.source, [(f"hosts.{host}.profile", str(exc), "")]) from None
+
 
 def _f16(v: np.ndarray) -> bytes:
     """A semantic vector for a doc.scored event (float16: 768 bytes for MiniLM)."""
@@ -86,6 +120,7 @@ class Original:
 
 class TopicModelAgent(Agent):
     kind = "topic_model"
+    image = "model"   # needs the `model` extra (podman_build.sh: the model image)
     Settings = TopicSettings
 
     def __init__(self, name, config) -> None:
@@ -93,6 +128,7 @@ class TopicModelAgent(Agent):
         s = self.settings
         self.dir = config.mesh.data_dir / "topics"
         self.embedder = None
+        self.profile: Profile | None = None   # the host's hardware profile, resolved in on_ready
         self.index = None
         self.topics = None
         self.store: DocStore | None = None
@@ -168,9 +204,13 @@ class TopicModelAgent(Agent):
 
         s = self.settings
         started = time.monotonic()
-        lease_gpu = self._gpu_needs_lease()
-        self.embedder = Embedder(s.model, device="cpu" if lease_gpu else s.device, batch_size=s.batch_size,
-                                 max_chunks=s.max_chunks)
+        self.profile = p = host_profile(self.config, self.name, s)
+        if p.note:
+            self.log.warning("hardware profile of host %s: %s", self.host, p.note)
+        lease_gpu = p.backend == "torch" and self._gpu_needs_lease()
+        self.embedder = Embedder(s.model, device="cpu" if lease_gpu else p.device, backend=p.backend,
+                                 batch_size=p.batch_size, max_chunks=p.max_chunks, threads=p.threads,
+                                 cache_dir=default_cache_dir())
         self.store = open_docstore(self.config.store_url("documents"))
         self.dir.mkdir(parents=True, exist_ok=True)
         ckpt = self._latest_checkpoint()
@@ -201,13 +241,19 @@ class TopicModelAgent(Agent):
         replayed = self._replay()
         # the checkpoint's counters miss what was scored after it (a crash): the stored scores have them all
         self.counts.update(self.store.score_counts())
-        self.log.info("topic model ready in %.1fs: %s on %s, %d vector(s), checkpoint at %d, %d replayed, %d topic(s)",
-                      time.monotonic() - started, s.model, self.embedder.device, self.next_eid, self.checkpointed_rows,
-                      replayed, len(self.topics.topics()))
+        self.log.info("topic model ready in %.1fs: %s on %s (%s), %d vector(s), checkpoint at %d, %d replayed, "
+                      "%d topic(s)", time.monotonic() - started, s.model, self.embedder.backend_label, p.describe(),
+                      self.next_eid, self.checkpointed_rows, replayed, len(self.topics.topics()))
         self.worker = threading.Thread(target=self._work, name="topic-model", daemon=True)
         self.worker.start()   # it looks every poll_s by itself; doc.stored events wake it sooner
         if lease_gpu:
             self._acquire_gpu()
+
+    def set_state(self, state: AgentState, detail: str = "") -> None:
+        """Ready without another detail, the status line says how this host embeds (`meshctl status`, the dashboard)."""
+        if state == AgentState.READY and not detail and self.profile is not None:
+            detail = self.profile.describe()
+        super().set_state(state, detail)
 
     # --- the GPU, under a VRAM lease ----------------------------------------------------------------
 
@@ -464,6 +510,8 @@ class TopicModelAgent(Agent):
     def gauges(self) -> dict[str, float]:
         """Counts, topics, and the novelty of the last 200 non-duplicate documents (p10, p50, p90)."""
         out: dict[str, float] = dict(self.counts)
+        if self.profile is not None:
+            out[f"profile:{self.profile.name}"] = 1.0   # the dashboard shows the name (as the vram agent's lease_mb:)
         topics = self.topics
         if topics is not None:
             out["topics"] = topics.n_topics
@@ -486,4 +534,5 @@ class TopicModelAgent(Agent):
                                                 title=self.titles.get(t.id, ((), ""))[1],
                                                 mean_novelty=round(t.mean_novelty, 6)) for t in infos[:msg.limit]],
                            total_topics=len(infos), documents=counts["documents"], duplicates=counts["duplicates"],
-                           exact_duplicates=counts["exact_duplicates"], index=index, device=self.embedder.device)
+                           exact_duplicates=counts["exact_duplicates"], index=index, device=self.embedder.device,
+                           profile=self.profile.describe() if self.profile is not None else "")

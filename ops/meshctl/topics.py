@@ -15,14 +15,14 @@ from ops.meshctl.common import AgentOpt, ConfigOpt, JsonOpt, ask_kind, console
 def topics(config: str = ConfigOpt, agent: Optional[str] = AgentOpt("topic model agent"),
            limit: int = typer.Option(30, "--limit", "-n", help="Largest topics shown."),
            as_json: bool = JsonOpt) -> None:
-    """Topics of the topic model: size, keywords, mean novelty."""
+    """Topics of the topic model: size, keywords, mean novelty; and the host's hardware profile."""
     asked = ask_kind(config, "topic_model", agent, TopicsRequest(limit=limit), as_json=as_json)
     if asked is None:
         return
     name, reply = asked
     table = Table(title=f"{name}: {reply.total_topics} topic(s), {reply.documents} document(s) scored, "
                         f"{reply.duplicates} near- and {reply.exact_duplicates} exact duplicate(s); index {reply.index}; "
-                        f"{reply.device}", title_justify="left")
+                        f"{reply.device}" + (f"; {reply.profile}" if reply.profile else ""), title_justify="left")
     for col in ("topic", "size", "mean novelty", "keywords"):
         table.add_column(col, justify="right" if col in ("topic", "size", "mean novelty") else "left")
     for t in reply.topics:

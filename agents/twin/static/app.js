@@ -33,7 +33,7 @@ function render(st) {
   renderHosts(st);
   renderGraph(st);
   renderGpu(st.gpu);
-  renderPipeline(st.pipeline);
+  renderPipeline(st.pipeline, st.agents);
 }
 
 function renderAlerts(alerts) {
@@ -127,10 +127,14 @@ const FIGURES = [["frontier", "frontier"], ["fetched", "fetched"], ["failed", "f
   ["scored", "scored"], ["duplicates", "duplicates"], ["exact_duplicates", "exact dups"], ["topics", "topics"],
   ["novelty_p50", "novelty p50"], ["cache_items", "hot cache"]];
 
-function renderPipeline(p) {
+function renderPipeline(p, agents) {
   const shown = FIGURES.filter(([k]) => p[k] !== undefined);
-  $("pipeline").innerHTML = shown.length ? shown.map(([k, label]) =>
-    `<div data-figure="${k}"><dt>${label}</dt><dd>${k.startsWith("novelty") ? Number(p[k]).toFixed(3) : num(p[k])}</dd></div>`).join("")
+  // the topic models' hardware profiles (gauge "profile:NAME", one per agent): gpu, cpu or small
+  const profiles = [...new Set((agents || []).flatMap((a) => Object.keys(a.gauges || {})
+    .filter((k) => k.startsWith("profile:")).map((k) => k.slice(8))))];
+  const profile = profiles.length ? `<div data-figure="profile"><dt>embedding profile</dt><dd>${esc(profiles.join(", "))}</dd></div>` : "";
+  $("pipeline").innerHTML = shown.length || profile ? shown.map(([k, label]) =>
+    `<div data-figure="${k}"><dt>${label}</dt><dd>${k.startsWith("novelty") ? Number(p[k]).toFixed(3) : num(p[k])}</dd></div>`).join("") + profile
     : '<p class="none">no pipeline agent reporting yet</p>';
 }
 
