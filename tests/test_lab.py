@@ -101,10 +101,11 @@ class TwoHostMesh:
         return all(a["state"] == "ready" for a in self.agents().values())
 
 
-@pytest.fixture(params=[0, 50], ids=["direct", "50ms"])
+@pytest.fixture(params=[0, pytest.param(50, marks=pytest.mark.slow)], ids=["direct", "50ms"])
 def lab(request):
     """Two lab hosts; the `50ms` variant adds 50 ms each way (tc netem where the kernel has it,
-    else the lab's userspace wire)."""
+    else the lab's userspace wire). The 50 ms runs are in the slow suite (CI runs both): the same
+    tests, twice as long, and the fast suite stays under 10 minutes on 2 cores."""
     delay = request.param
     ok, why = available()
     wire = ok and bool(delay) and not netem_available()[0]
