@@ -21,7 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 from network.codec import DEFAULT_MAX_FRAME_BYTES, Envelope, ProtocolError, decode, encode
 from network.messages import ErrorCode, Message
 from network.metrics import MeshMetrics
-from network.rpc import BoundSocket, _hard_limit, _recv_frames
+from network.rpc import BoundSocket, _hard_limit, _recv_frames, _send
 from network.security import Guard
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ class Publisher(BoundSocket):
             topic_bytes = topic.encode()
             if len(self._topics) < 1024:   # per-message topics (`echo.<seq>`) are encoded each time
                 self._topics[topic] = topic_bytes
-        send = self.socket.send
-        send(topic_bytes, _SNDMORE)
-        send(frame)
+        sock = self.socket
+        _send(sock, topic_bytes, _SNDMORE)
+        _send(sock, frame, 0)
         self.metrics.message(message.type_name, "out")
 
 class Subscriber:

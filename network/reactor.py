@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 import zmq
+from zmq.backend import zmq_poll
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +125,23 @@ class Reactor:
         if self._timers:
             wait = max(0.0, min(wait, self._timers[0][0] - time.monotonic()))
         try:
-            events = self.poller.poll(math.ceil(wait * 1000))  # int() would round down and spin
+            # zmq_poll itself, not Poller.poll's Python wrapper: this runs once per message an agent handles
+            events = zmq_poll(self.poller.sockets, math.ceil(wait * 1000))  # int() would round down and spin
         except zmq.ZMQError as exc:
             if exc.errno == zmq.ETERM:
                 self._stopping = True
                 return
             raise
+        callbacks = self._callbacks
         for sock, _ in events:
-            callback = self._callbacks.get(sock)
+            callback = callbacks.get(sock)
             if callback is not None:
-                self._guarded(callback)
-        self._run_timers()
+                try:
+                    callback()
+                except Exception:   # as _guarded, inline
+                    log.exception("callback %r failed", getattr(callback, "__qualname__", callback))
+        if self._timers and self._timers[0][0] <= time.monotonic():
+            self._run_timers()
 
     def _run_timers(self) -> None:
         now = time.monotonic()

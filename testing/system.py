@@ -9,6 +9,7 @@ where every suite must really run.
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -62,6 +63,19 @@ def missing(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
+
+
+def need_modules(*modules: str) -> None:
+    """At a test module's top: skips the whole module (fails under CI=true) unless every Python module imports;
+    they come with the `model` extra, which scripts/test installs."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            why = f"{exc} (the model extra: `pip install -e '.[model,test]'`, which scripts/test does)"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(why, pytrace=False)
+            pytest.skip(why, allow_module_level=True)
 
 
 def need(*probes: str) -> None:

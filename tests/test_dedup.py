@@ -30,19 +30,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import faiss  # noqa: F401
-    import sentence_transformers  # noqa: F401
-except ImportError as exc:  # CI must have them (like tests.services.missing: fail under CI=true)
-    if os.environ.get("CI", "").lower() == "true":
-        raise
-    pytest.skip(f"embedding dependencies are not installed: {exc}", allow_module_level=True)
+from testing.system import missing, need_modules, reason
+
+need_modules("faiss", "sentence_transformers")   # before the imports below, which need them
 
 from agents.embedding import Embedder, EmbedderError, lexical_vectors, resolve_model
 from agents.extractor.backends import extract
 from agents.gpu import DeviceError, resolve_device
 from agents.topics.dedup import DuplicateIndex
-from testing.system import missing, reason
 
 PYDOC = Path("/usr/share/doc/python3/html")
 THRESHOLD = 0.85

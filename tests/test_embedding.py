@@ -21,13 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import onnxruntime  # noqa: F401
-    import sentence_transformers  # noqa: F401
-except ImportError as exc:  # CI must have them (like tests.services.missing: fail under CI=true)
-    if os.environ.get("CI", "").lower() == "true":
-        raise
-    pytest.skip(f"embedding dependencies are not installed: {exc}", allow_module_level=True)
+from testing.system import need_modules
+
+need_modules("onnxruntime", "sentence_transformers")   # before the imports below, which need them
 
 from agents.contracts import TopicsRequest
 from agents.embedding import CPU_BATCH_SIZE, SMALL_MAX_CHUNKS, Embedder, EmbedderError, resolve_profile
