@@ -73,6 +73,13 @@ def in_image(env, image: str, code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(2700)   # both images from scratch: about 12 min on 2 cores, more while other work runs
+def need_images(env: dict, *images: str) -> None:
+    """The tests below use the images the build test makes: without them they skip (fail under CI=true)."""
+    absent = [i for i in images if podman(env, "image", "exists", i).returncode != 0]
+    if absent:
+        missing(f"runs after test_build_deploy_status_logs_redeploy_restart_down (images missing: {', '.join(absent)})")
+
+
 def test_build_deploy_status_logs_redeploy_restart_down(env, tmp_path):
     if podman(env, "image", "exists", BASE).returncode != 0:
         r = script(env, "base", "--tag", BASE)
@@ -157,8 +164,7 @@ def test_build_deploy_status_logs_redeploy_restart_down(env, tmp_path):
 def test_cpu_image_builds_online_from_a_package_index(env, tmp_path):
     """The online build (no --offline): the dependencies come from a package index, here one served from a
     wheelhouse made on this machine (the build reaches no public index); the project from its own wheel."""
-    if podman(env, "image", "exists", BASE).returncode != 0:
-        pytest.skip("runs after the build test (base image missing)")
+    need_images(env, BASE)
     wheels = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels),
                         *[q.split(";")[0] for q in requirements("cpu")]], capture_output=True, text=True)
@@ -191,8 +197,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 
 def test_kube_yaml_is_played_by_podman(env, tmp_path):
-    if podman(env, "image", "exists", CPU_IMAGE).returncode != 0:
-        pytest.skip("runs after the build test (image missing)")
+    need_images(env, CPU_IMAGE, MODEL_IMAGE)
     r = script(env, "kube", "local")
     assert r.returncode == 0, r.stderr
     assert TOKEN not in r.stdout   # referred to, not carried
@@ -226,8 +231,7 @@ def test_mainpc_and_pc2_in_podman_on_two_lab_hosts(env, tmp_path):
     ok, why = available()
     if not ok:
         missing(why)
-    if podman(env, "image", "exists", IMAGE).returncode != 0:
-        pytest.skip("runs after the build test (image missing)")
+    need_images(env, CPU_IMAGE, MODEL_IMAGE)
     keys = tmp_path / "keys"
     r = subprocess.run([str(ROOT / ".venv" / "bin" / "meshctl") if (ROOT / ".venv").exists() else "meshctl",
                         "keys", "generate", "mainpc", "pc2", "--keys-dir", str(keys)], capture_output=True, text=True)
