@@ -165,6 +165,10 @@ class TopicsReply(Message):
     index: str = ""             # faiss index kind and size
     device: str = ""
     profile: str = ""           # the host's hardware profile and what it runs ("profile cpu: int8 ONNX, ...")
+    # how far behind the store it is (None from a topic model older than these fields):
+    backlog: int | None = None              # documents stored (extracted) and not scored yet
+    oldest_unscored_s: float | None = None  # seconds since the oldest of them was fetched (None: nothing waits)
+    scored_per_min: float | None = None     # scoring speed over its last minute of work (None: nothing scored yet)
 
 
 class DocScored(Message):
@@ -181,6 +185,10 @@ class DocScored(Message):
     similarity: float | None = None   # to the document it duplicates
     new_topic: bool = False
     embedding: bytes = b""            # the semantic vector, float16 little-endian, L2-normalised (empty for exact copies)
+    # how stale the signal is (None from a topic model older than these fields): when the page was fetched, unix
+    # seconds (the crawler's clock), and how many stored documents still waited for scoring after this one's batch
+    fetched_at: float | None = None
+    backlog: int | None = None
 
     def vector(self) -> np.ndarray | None:
         """The semantic vector as float32, or None when the event carries none."""
@@ -218,6 +226,10 @@ class CuriosityStatus(Message):
     mean_extrinsic: float = 0.0
     device: str = ""
     cache: CacheInfo = Field(default_factory=CacheInfo)
+    # how stale what the policy learns from is (None until a doc.scored with fetched_at arrived): the median, over
+    # the last scored pages, of the seconds from a page's fetch to the policy learning from its scores
+    signal_lag_s: float | None = None
+    topic_backlog: int | None = None   # the topic model's backlog as its last doc.scored said (None: not heard yet)
 
 
 class CacheGet(Message):

@@ -1,15 +1,18 @@
 """The eviction and curiosity agent in a real mesh: it scores the links the crawl discovers, the coordinator takes
 its priorities, the policy learns from the topic model's scores and checkpoints, the hot cache stays within its
-budget and everything it evicted is still in the document store; a SIGKILL loses at most the updates since the
-last checkpoint, and the crawl goes on while the agent is down."""
+budget and everything it evicted is still in the document store, and it knows how stale its signal is (the delay from
+fetch to learning, the topic model's backlog, one warning over lag_warn_s); a SIGKILL loses at most the updates since
+the last checkpoint, and the crawl goes on while the agent is down."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import time
 
+import httpx
 import pytest
 
 from agents.contracts import CacheGet, CrawlStatusRequest, CuriosityStatusRequest
@@ -40,11 +43,12 @@ def ask(cfg, agent, msg, timeout=5.0):
         return c.request(msg)
 
 
-def test_steers_the_crawl_learns_and_keeps_the_cache_in_budget(write_config, run_agents):
+def test_steers_the_crawl_learns_and_keeps_the_cache_in_budget(write_config, run_agents, caplog):
     with Site(pages=12) as site:
-        # a polite crawl (0.1 s between requests), so that links wait in the frontier when their scores come
+        # a polite crawl (0.1 s between requests), so that links wait in the frontier when their scores come; every
+        # page takes longer than lag_warn_s from its fetch to the policy (extraction, a topic model batch)
         _, cfg = write_config(pipeline_config(site.url("/"), crawler={"max_depth": 3, "politeness_s": 0.1},
-                                              curiosity={"cache_max_items": 5}))
+                                              curiosity={"cache_max_items": 5, "lag_warn_s": 0.05}))
         run_agents(cfg, "twin", "extractor", "topics", "curiosity", "crawler")
         wait_for(lambda: ask(cfg, "crawler", CrawlStatusRequest(), 1.0).idle, timeout=120, interval=0.2,
                  what="the crawl to finish")
@@ -81,6 +85,24 @@ def test_steers_the_crawl_learns_and_keeps_the_cache_in_budget(write_config, run
         assert not ask(cfg, "curiosity", CacheGet(url="http://nowhere.invalid/")).found
         after = ask(cfg, "curiosity", CuriosityStatusRequest()).cache
         assert after.items <= 5 and after.misses >= len(extracted) - 5 - 1
+
+        # how stale its signal is: fetch to learning, a fraction of a second up to the whole crawl here; the topic
+        # model's backlog, which its last doc.scored said was 0
+        st = wait_for(lambda: (s := ask(cfg, "curiosity", CuriosityStatusRequest())).topic_backlog == 0 and s,
+                      timeout=10, what="the topic model's last backlog, 0")
+        assert 0 < st.signal_lag_s < 120
+        board = f"http://127.0.0.1:{cfg.mesh.base_port + 80}/api/state"
+        gauges = wait_for(lambda: next(a["gauges"] for a in httpx.get(board).json()["agents"]
+                                       if a["agent"] == "curiosity" and a["gauges"].get("topic_backlog") == 0),
+                          timeout=5, what="the signal lag and the backlog in the curiosity agent's next heartbeat")
+        assert gauges["signal_lag_s"] > 0
+        text = httpx.get(f"http://127.0.0.1:{cfg.port('curiosity', 'metrics')}/metrics", timeout=5).text
+        assert float(re.search(r"^curiosity_signal_lag_seconds (\S+)$", text, re.M).group(1)) > 0
+        assert re.search(r"^curiosity_topic_backlog_documents 0(\.0)?$", text, re.M)
+        # over lag_warn_s all along: one warning, not one a page
+        warned = [r for r in caplog.records if r.name == "agent.curiosity" and r.levelno == logging.WARNING
+                  and "signal lag" in r.getMessage()]
+        assert len(warned) == 1 and "lag_warn_s (0.05s)" in warned[0].getMessage(), [r.getMessage() for r in warned]
 
 
 @pytest.mark.slow

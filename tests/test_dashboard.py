@@ -1,10 +1,13 @@
 """The twin's health dashboard and alerts: JSON and server-sent events over real HTTP, the token,
-alerts on death, flapping and an unreachable host, and the page itself in headless Chromium."""
+alerts on death, flapping and an unreachable host, and the page itself in headless Chromium (agents,
+a kill seen live, and how far behind the store a real topic model is)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +26,7 @@ from mesh.runtime import check_kinds
 from network.messages import Echo
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
+from store.docstore import Document, open_docstore
 from testing.harness import ROOT, mesh_dict, wait_for
 from testing.system import missing, reason
 
@@ -303,3 +307,50 @@ def test_dashboard_in_chromium_shows_every_agent_and_a_kill_live(write_config, m
     phone.screenshot(path=str(out / "3-phone.png"), full_page=True)
     assert not errors, errors
     assert (out / "2-b-killed.png").stat().st_size > 10000
+
+
+TEXTS = ["Apples and pears grow in orchards; the harvest comes in autumn and the fruit keeps for months.",
+         "The tide rises twice a day as the moon pulls the ocean; sailors time their departures by it.",
+         "A compiler turns source code into machine code, checking types and optimising loops on the way.",
+         "Violins, violas and cellos make up the string section, tuned in fifths and played with a bow.",
+         "Glaciers carve valleys over thousands of years, leaving moraines where the ice stops and melts."]
+
+
+def test_dashboard_in_chromium_shows_how_far_behind_the_topic_model_is(write_config, run_agents, chromium):
+    """A real topic model on a real store holding five pages fetched two minutes ago: the page shows them all
+    waiting ("scored 0 of 5 (backlog 5, oldest 2m …)") until its first pass (poll_s after it is ready), then,
+    without a reload, "scored 5 of 5 (backlog 0)" and its speed."""
+    for module in ("sentence_transformers", "onnxruntime", "faiss"):
+        if importlib.util.find_spec(module) is None:
+            missing(f"{module} is not installed (the model extra: `pip install -e '.[model,test]'`)")
+    _, cfg = write_config(mesh_dict({"topics": {"kind": "topic_model", "depends_on": ["twin"],
+                                                "settings": {"source": None, "poll_s": 8.0, "max_chunks": 1}}}))
+    fetched = time.time() - 125
+    with open_docstore(cfg.store_url("documents")) as store:
+        for i, text in enumerate(TEXTS):
+            url = f"http://pages.example/{i}"
+            store.upsert(Document(url=url, final_url=url, content_hash=f"{i:064x}", fetched_at=fetched + i,
+                                  http_status=200, content_type="text/html", state="extracted", text=text))
+    run_agents(cfg, "twin", "topics")
+    base = dashboard_url(cfg)
+    wait_for(lambda: httpx.get(base + "/healthz").status_code == 200, timeout=10, what="dashboard up")
+    out = OUTPUT / "dashboard"
+    out.mkdir(parents=True, exist_ok=True)
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(base + "/")
+    figure = '#pipeline [data-figure="topic-backlog"]'
+    page.wait_for_selector(f'{figure}[data-backlog="5"]', timeout=120000)   # the model loads first
+    waiting = page.locator(f"{figure} dd").inner_text()
+    assert re.fullmatch(r"scored 0 of 5 \(backlog 5, oldest \dm \d+s\)", waiting), waiting
+    assert page.locator(f"{figure} dt").inner_text() == "topic model"
+    page.screenshot(path=str(out / "4-topic-backlog.png"), full_page=True)
+    page.evaluate("() => { window.__notReloaded = true; }")
+    page.wait_for_selector(f'{figure}[data-backlog="0"]', timeout=60000)
+    done = page.locator(f"{figure} dd").inner_text()
+    assert re.fullmatch(r"scored 5 of 5 \(backlog 0\) [\d,.]+/min", done), done
+    assert page.evaluate("() => window.__notReloaded === true")             # the same page, updated live
+    page.screenshot(path=str(out / "5-topic-caught-up.png"), full_page=True)
+    assert not errors, errors

@@ -1,6 +1,7 @@
 """The topic model agent on a real document store: every extracted document scored once, duplicates
-marked, topics listed, events published, and a SIGKILL mid-stream that loses nothing and re-embeds
-nothing already stored."""
+marked, topics listed, events published, how far behind the store it is (backlog, age of the oldest
+waiting document, speed) counted down to nothing, and a SIGKILL mid-stream that loses nothing and
+re-embeds nothing already stored."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+import zmq
 
 from agents.contracts import DocScored, TopicsRequest
 from agents.extractor.backends import extract
@@ -21,8 +26,8 @@ from mesh.control import client
 from network.messages import Ping
 from network.metrics import MeshMetrics
 from network.pubsub import Subscriber
-from store.docstore import Document, open_docstore
-from testing.harness import mesh_dict, wait_for
+from store.docstore import Document, Scores, open_docstore
+from testing.harness import ROOT, mesh_dict, wait_for
 from testing.system import missing, reason
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,10 +45,10 @@ def texts() -> dict[str, str]:
                                                            content_type="text/html").text for f in files}
 
 
-def put(store, url: str, text: str, *, content_hash: str | None = None) -> Document:
+def put(store, url: str, text: str, *, content_hash: str | None = None, fetched_at: float | None = None) -> Document:
     doc = Document(url=url, final_url=url, content_hash=content_hash or hashlib.sha256(text.encode()).hexdigest(),
-                   fetched_at=time.time(), http_status=200, content_type="text/html", state="extracted", text=text,
-                   title=url.rsplit("/", 1)[-1])
+                   fetched_at=time.time() if fetched_at is None else fetched_at, http_status=200,
+                   content_type="text/html", state="extracted", text=text, title=url.rsplit("/", 1)[-1])
     store.upsert(doc)
     return doc
 
@@ -54,12 +59,48 @@ def topics_config(**settings) -> dict:
                                               **settings}}})
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/documents.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_the_backlog_is_what_waits_and_its_oldest_fetch(store_url):
+    """DocStore.topic_backlog on both backends: extracted documents without scores, failed ones never; the earliest
+    fetch time among the head of the queue; a document stored again with new content waits again."""
+    with open_docstore(store_url) as store:
+        assert store.topic_backlog() == (0, None)
+        t0 = time.time() - 100
+        docs = [put(store, f"http://b.example/{i}", f"text {i}", fetched_at=t0 + i) for i in range(6)]
+        store.upsert(Document(url="http://b.example/failed", final_url="http://b.example/failed", content_hash="f" * 64,
+                              fetched_at=t0 - 500, http_status=200, content_type="text/html", state="failed",
+                              error="no main text found"))
+        assert store.topic_backlog() == (6, t0)
+        assert store.topic_backlog(head=1) == (6, t0)
+        store.save_scores([Scores(document_id=d.id, embedding_id=i) for i, d in enumerate(docs[:4])])
+        assert store.topic_backlog() == (2, t0 + 4)
+        put(store, docs[0].url, "text 0, changed", fetched_at=t0 + 50)     # new content: its scores are cleared
+        assert store.topic_backlog() == (3, t0 + 4)
+        assert store.topic_backlog(head=1) == (3, t0 + 50)                  # the head: the first stored of them
+        store.save_scores([Scores(document_id=d.id, embedding_id=10 + i) for i, d in enumerate(store.pending_topic(9))])
+        assert store.topic_backlog() == (0, None)
+
+
+def metric(cfg, agent: str, name: str) -> float:
+    """One unlabelled sample from the agent's /metrics page."""
+    text = httpx.get(f"http://127.0.0.1:{cfg.port(agent, 'metrics')}/metrics", timeout=5).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
 def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_config, run_agents):
-    path, cfg = write_config(topics_config())
+    # poll_s: its first pass waits that long after it is ready, so its backlog is seen whole first
+    path, cfg = write_config(topics_config(poll_s=3.0))
     store = open_docstore(cfg.store_url("documents"))
     urls = list(texts)[:40]
+    fetched = {url: time.time() - 300 + i for i, url in enumerate(urls)}    # the first waits for 300 s and more
     for url in urls:
-        put(store, url, texts[url])
+        put(store, url, texts[url], fetched_at=fetched[url])
     original = urls[5]
     put(store, "http://copy.example/exact", texts[original])                       # same bytes: exact duplicate
     edited = texts[original].replace(". ", ". Indeed, ", 3) + "\nShare this page. Cookie settings. Imprint."
@@ -70,18 +111,31 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
                           state="failed", error="no main text found"))
     ctx_events: list[DocScored] = []
     run_agents(cfg, "twin", "topics")
-    import zmq
-
     ctx = zmq.Context()
     sub = Subscriber(ctx, lambda topic, env: ctx_events.append(env.message), metrics=MeshMetrics("t", "t"))
     sub.connect(cfg.endpoint("topics", "pub"))
     sub.subscribe("doc.scored")
     try:
-        wait_for(lambda: not store.pending_topic(1), timeout=120, interval=0.2, what="every document scored")
-        wait_for(lambda: (sub.on_readable(), len(ctx_events) >= 40)[1], timeout=10, what="doc.scored events")
+        with client(cfg, "topics", timeout=5.0) as c:
+            # how far behind the store it is, as it counts it: everything waits at first, then counts down to 0
+            first = wait_for(lambda: (r := c.request(TopicsRequest(limit=1))).backlog is not None and r, timeout=120,
+                             what="the backlog counted")
+            assert first.backlog == 43 and first.documents == 0 and first.scored_per_min is None
+            assert first.oldest_unscored_s >= 300
+            seen = [first.backlog]
+            wait_for(lambda: (seen.append(c.request(TopicsRequest(limit=1)).backlog), seen[-1] == 0)[1], timeout=120,
+                     interval=0.05, what="the backlog counted down to 0")
+            assert seen == sorted(seen, reverse=True) and len(set(seen)) >= 3, seen   # 43, ..., 0 by batches of 16
+            done = c.request(TopicsRequest(limit=1))
+        assert done.backlog == 0 and done.oldest_unscored_s is None and done.scored_per_min > 0
+        assert not store.pending_topic(1)
+        wait_for(lambda: (sub.on_readable(), len(ctx_events) >= 43)[1], timeout=10, what="doc.scored events")
     finally:
         sub.close()
         ctx.term()
+    # every event says when its page was fetched, and what still waited after its batch
+    assert all(e.fetched_at == fetched[e.url] for e in ctx_events if e.url in fetched)
+    assert ctx_events[0].backlog == 43 - 16 and ctx_events[-1].backlog == 0
     exact, near = store.get("http://copy.example/exact"), store.get("http://copy.example/edited")
     orig = store.get(original)
     assert exact.duplicate_of == original and exact.embedding_id == orig.embedding_id and exact.novelty == 0.0
@@ -101,21 +155,28 @@ def test_scores_every_document_marks_duplicates_and_lists_topics(texts, write_co
     assert all(t.keywords and t.label for t in listing.topics)
     assert {e.url for e in ctx_events} >= set(urls[-10:])
     store.close()
-    import httpx  # the twin's dashboard: documents, duplicates, topics, the novelty spread
+    # the twin's dashboard: documents, duplicates, topics, the novelty spread; and the backlog in the gauges
     board = f"http://127.0.0.1:{cfg.mesh.base_port + 80}/api/state"
     pipe = wait_for(lambda: (p := httpx.get(board).json()["pipeline"]).get("scored") == 43 and p, timeout=10,
                     what="the topic figures on the dashboard")
     assert pipe["duplicates"] == 1 and pipe["exact_duplicates"] == 2 and pipe["topics"] == listing.total_topics
     assert 0.0 <= pipe["novelty_p10"] <= pipe["novelty_p50"] <= pipe["novelty_p90"] <= 1.0
-    import subprocess
-    import sys
-
-    from testing.harness import ROOT
-
+    gauges = next(a["gauges"] for a in httpx.get(board).json()["agents"] if a["agent"] == "topics")
+    assert gauges["backlog"] == 0 and gauges["backlog_oldest_s"] == 0 and gauges["scored_per_min"] > 0
+    # and for Prometheus
+    assert metric(cfg, "topics", "topic_backlog_documents") == 0
+    assert metric(cfg, "topics", "topic_backlog_oldest_seconds") == 0
+    assert metric(cfg, "topics", "topic_documents_scored_total") == 43
+    assert metric(cfg, "topics", "topic_scored_per_minute") == gauges["scored_per_min"]
     r = subprocess.run([sys.executable, "-m", "ops.meshctl", "topics", "--config", str(path), "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["documents"] == 43
+    assert json.loads(r.stdout)["documents"] == 43 and json.loads(r.stdout)["backlog"] == 0
+    r = subprocess.run([sys.executable, "-m", "ops.meshctl", "topics", "--config", str(path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "1000"})
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"43 document\(s\) scored, 1 near- and 2 exact duplicate\(s\), backlog 0, [\d.]+ scored/min;",
+                     r.stdout), r.stdout
 
 
 def test_killed_mid_stream_loses_nothing_and_re_embeds_nothing(texts, write_config, mesh_up):

@@ -20,6 +20,13 @@ budget, the lowest-value documents are evicted (novelty, recency, use). `cache.g
 the document store on a miss and caches it. Eviction only ever drops cache entries: the document store is the
 durable copy and is never written here.
 
+How stale the signal is. The topic model scores pages some time after they were fetched, and on a CPU host it can
+fall behind the crawl (issue 19). Every doc.scored carries the page's fetch time and the topic model's backlog; the
+agent keeps the delay from fetch to the moment the policy learns from the page (the topic model's queue and scoring
+plus this agent's own queue), reports the median of the last LAG_SAMPLES as `signal_lag_s` (gauges, status,
+Prometheus) with the topic model's backlog, and logs a warning once when the median goes over `lag_warn_s` (again
+only after it came back under): steering on a signal minutes old mostly follows link texts, see OPERATIONS.md.
+
 All the work (anchor embeddings, torch, the store, the cache) runs on one worker thread fed by a queue; the reactor
 thread only receives events and requests and sends priorities.
 """
@@ -33,6 +40,7 @@ import time
 
 import numpy as np
 import torch
+from prometheus_client import Gauge
 from pydantic import Field
 
 from agents.contracts import (
@@ -59,6 +67,8 @@ from store.docstore import DocStore, StoreUnavailable, open_docstore
 
 GONE_OUTCOMES = ("failed", "disallowed", "skipped")
 PRIORITIZE_BATCH = 5000
+LAG_SAMPLES = 50       # the signal lag is the median over this many of the latest scored pages
+LAG_MIN_SAMPLES = 5    # and is warned about only from this many: one page re-extracted from an old fetch is no trend
 
 
 class CuriositySettings(AgentSettings):
@@ -79,6 +89,9 @@ class CuriositySettings(AgentSettings):
                                   "without that in this process")
     cache_max_items: int | None = Field(5000, ge=1, description="documents the hot cache holds at most")
     cache_max_mb: float | None = Field(256.0, gt=0, description="megabytes the hot cache holds at most")
+    lag_warn_s: float = Field(60.0, gt=0, description="warn (once, until it comes back under) when the signal lag, "
+                              "the median seconds from a page's fetch to the policy learning from its scores, is over "
+                              "this")
 
 
 class CuriosityAgent(Agent):
@@ -106,6 +119,15 @@ class CuriosityAgent(Agent):
         self.since_rescore = 0
         self.last_checkpoint = time.monotonic()
         self.device = ""
+        self.lags: collections.deque[float] = collections.deque(maxlen=LAG_SAMPLES)   # the worker's, under lock
+        self.signal_lag_s: float | None = None    # median of self.lags, set by the worker
+        self.topic_backlog: int | None = None     # from the latest doc.scored that carried it
+        self.lag_warned = False
+        r = self.metrics.registry
+        Gauge("curiosity_signal_lag_seconds", "Median seconds from a page's fetch to the policy learning from its "
+              "scores, over the last 50 scored pages", registry=r).set_function(lambda: self.signal_lag_s or 0.0)
+        Gauge("curiosity_topic_backlog_documents", "The topic model's backlog (documents stored, not scored yet) as "
+              "its latest doc.scored said", registry=r).set_function(lambda: self.topic_backlog or 0)
 
     # --- start, stop ------------------------------------------------------------------------------
 
@@ -167,6 +189,10 @@ class CuriosityAgent(Agent):
         out: dict[str, float] = dict(self.counts)
         if self.policy is not None:
             out["updates"] = self.policy.updates
+        if self.signal_lag_s is not None:
+            out["signal_lag_s"] = round(self.signal_lag_s, 1)
+        if self.topic_backlog is not None:
+            out["topic_backlog"] = self.topic_backlog
         try:
             st = self.cache.stats() if self.cache is not None else None
         except HotCacheUnavailable:
@@ -195,7 +221,8 @@ class CuriosityAgent(Agent):
         return CuriosityStatus(updates=self.policy.updates, checkpointed_updates=counts["checkpointed_updates"],
                                observed=counts["observed"], pending=pending, prioritized=counts["prioritized"],
                                mean_reward=mean(0), mean_intrinsic=mean(1), mean_extrinsic=mean(2), device=self.device,
-                               cache=cache)
+                               cache=cache, topic_backlog=self.topic_backlog,
+                               signal_lag_s=None if self.signal_lag_s is None else round(self.signal_lag_s, 1))
 
     @handles(CacheGet)
     def on_cache_get(self, msg: CacheGet, env: Envelope) -> Deferred:
@@ -262,6 +289,7 @@ class CuriosityAgent(Agent):
         self._score(fresh)
 
     def _job_scored(self, event: DocScored) -> None:
+        self._note_lag(event)
         vector = event.vector()
         if vector is None:     # an exact copy carries no vector: it is its original's state
             original = self.pages.get(event.duplicate_of or "")
@@ -293,6 +321,28 @@ class CuriosityAgent(Agent):
             self._score([c for u, c in self.pending.items() if u not in self.left])
         elif children:
             self._score([c for c in children if c.url not in self.left])
+
+    def _note_lag(self, event: DocScored) -> None:
+        """How stale what the policy is about to learn is: now (it learns next) less the page's fetch time. An event
+        of an older topic model carries neither figure and changes nothing."""
+        if event.backlog is not None:
+            self.topic_backlog = event.backlog
+        if event.fetched_at is None:
+            return
+        with self.lock:
+            self.lags.append(max(0.0, time.time() - event.fetched_at))
+            n, lag = len(self.lags), float(np.median(self.lags))
+        self.signal_lag_s = lag
+        limit = self.settings.lag_warn_s
+        if lag > limit and n >= LAG_MIN_SAMPLES and not self.lag_warned:
+            self.lag_warned = True
+            self.log.warning("signal lag %.1fs is over lag_warn_s (%gs): the policy learns from pages fetched that "
+                             "long ago (topic model backlog %s), so the crawl is steered by link texts more than by "
+                             "what the pages held; slow the crawl or speed up the topic model", lag, limit,
+                             "unknown" if self.topic_backlog is None else self.topic_backlog)
+        elif lag <= limit and self.lag_warned:
+            self.lag_warned = False
+            self.log.info("signal lag back to %.1fs (lag_warn_s %gs)", lag, limit)
 
     def _job_left(self, url: str) -> None:
         self.left.add(url)

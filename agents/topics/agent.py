@@ -15,6 +15,13 @@ rest, so nothing depends on an event arriving. For each batch, on a worker threa
      distribution);
   5. one transaction writes the batch's scores; a doc.scored event per document follows.
 
+How far behind the store it is (issue 19: on a CPU host it can score slower than the crawl stores): the backlog
+(documents stored and not scored yet), the age of the oldest of them and the scoring speed go out as heartbeat
+gauges (the dashboard's "scored N of M"), as Prometheus gauges, in `topics.listing` (meshctl topics) and on every
+doc.scored event (with the page's fetch time, so the curiosity agent knows how stale its signal is). The worker
+counts the backlog once per batch, on the queue's partial index (`DocStore.topic_backlog`); a heartbeat only reads
+what it counted.
+
 State survives restarts: the faiss index and the topic model are checkpointed under
 data/topics/ (every `checkpoint_every` documents, every `checkpoint_s` and on drain). At start the
 latest checkpoint is loaded and the documents scored after it are replayed from their stored
@@ -29,10 +36,12 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import Counter, Gauge
 from pydantic import Field, ValidationInfo, model_validator
 
 from agents.contracts import DocScored, DocStored, Generate, Generated, TopicsReply, TopicsRequest, TopicSummary
@@ -105,6 +114,23 @@ def host_profile(config: MeshConfig, agent: str, settings: TopicSettings, *, cud
         raise ConfigError(config.source, [(f"hosts.{host}.profile", str(exc), "")]) from None
 
 
+RATE_WINDOW_S = 60.0   # the scoring speed is measured over this much of the latest work
+
+
+def scoring_speed(batches: Iterable[tuple[float, float, int]]) -> float | None:
+    """Documents a minute over the latest RATE_WINDOW_S seconds of work, from (started, ended, documents) of each
+    batch, oldest first (monotonic seconds): the newest batches until they add up to the window (all of them when
+    they do not). Time spent idle between batches is left out, so the figure is what the model can do, to compare
+    with how fast documents arrive; a batch that takes longer than the window still gives a figure, where a count
+    of the documents scored in the last minute would read 0 while it runs. None before the first batch."""
+    docs, busy = 0, 0.0
+    for started, ended, n in reversed(list(batches)):
+        docs, busy = docs + n, busy + max(ended - started, 1e-6)
+        if busy >= RATE_WINDOW_S:
+            break
+    return round(60.0 * docs / busy, 1) if busy else None
+
+
 def _f16(v: np.ndarray) -> bytes:
     """A semantic vector for a doc.scored event (float16: 768 bytes for MiniLM)."""
     return np.asarray(v, dtype="<f2").tobytes()
@@ -140,6 +166,12 @@ class TopicModelAgent(Agent):
         self.last_checkpoint = time.monotonic()
         self.counts = {"documents": 0, "duplicates": 0, "exact_duplicates": 0, "embedded": 0, "replayed": 0}
         self.recent_novelty: collections.deque[float] = collections.deque(maxlen=200)  # for the dashboard
+        # how far behind: (documents waiting, fetched_at of the oldest or None), counted by the worker once a batch
+        # (on_ready counts it first); heartbeats and scrapes only read it, one tuple so they never see half of it
+        self.backlog: tuple[int, float | None] | None = None
+        self.batches: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=512)  # worker only
+        self.speed: float | None = None    # scoring_speed(self.batches), after each batch
+        self._backlog_metrics()
         self.lock = threading.Lock()       # the model objects: worker thread vs. requests on the reactor
         self.wake = threading.Event()
         self.stop = threading.Event()
@@ -157,6 +189,30 @@ class TopicModelAgent(Agent):
         self.device_change = None          # (device, lease) for the worker to apply between batches
         self.worker: threading.Thread | None = None
         self.worker_error: str | None = None
+
+    def _backlog_metrics(self) -> None:
+        """Prometheus gauges of how far behind the store it is; the age and speed are read at scrape time."""
+        r = self.metrics.registry
+        self.m_backlog = Gauge("topic_backlog_documents", "Documents stored (extracted) and not scored yet, as "
+                               "counted before and after each batch", registry=r)
+        Gauge("topic_backlog_oldest_seconds", "Seconds since the oldest document waiting to be scored was fetched "
+              "(0 when none waits)", registry=r).set_function(lambda: self.backlog_age_s() or 0.0)
+        Gauge("topic_scored_per_minute", "Scoring speed: documents a minute over the latest minute of work "
+              "(idle time left out)", registry=r).set_function(lambda: self.speed or 0.0)
+        self.m_scored = Counter("topic_documents_scored", "Documents scored by this process, duplicates included",
+                                registry=r)
+
+    def _set_backlog(self, waiting: int, oldest: float | None) -> None:
+        self.backlog = (waiting, oldest if waiting else None)
+        self.m_backlog.set(waiting)
+
+    def backlog_age_s(self) -> float | None:
+        """Seconds since the oldest waiting document was fetched (the crawler's clock: hosts should agree on the
+        time); None when none waits or nothing was counted yet."""
+        backlog = self.backlog
+        if backlog is None or backlog[1] is None:
+            return None
+        return max(0.0, time.time() - backlog[1])
 
     # --- start, stop --------------------------------------------------------------------------
 
@@ -239,6 +295,7 @@ class TopicModelAgent(Agent):
             self.by_hash.setdefault(content_hash, original)
             self.by_eid[eid] = original
         replayed = self._replay()
+        self._set_backlog(*self.store.topic_backlog())   # shown from the first heartbeat, before the first pass
         # the checkpoint's counters miss what was scored after it (a crash): the stored scores have them all
         self.counts.update(self.store.score_counts())
         self.log.info("topic model ready in %.1fs: %s on %s (%s), %d vector(s), checkpoint at %d, %d replayed, "
@@ -374,6 +431,8 @@ class TopicModelAgent(Agent):
                 while not self.stop.is_set():
                     try:
                         docs = store.pending_topic(self.settings.batch_docs)
+                        # counted with this batch still in it: it is not scored until the commit
+                        waiting, oldest = store.topic_backlog() if docs else (0, None)
                     except StoreUnavailable as exc:
                         self.log.warning("document store unavailable: %s", exc)
                         self.reactor.call_soon_threadsafe(lambda e=exc: self.degraded("document store", e))
@@ -382,6 +441,7 @@ class TopicModelAgent(Agent):
                     if store_down:
                         store_down = False
                         self.reactor.call_soon_threadsafe(lambda: self.recovered("document store"))
+                    self._set_backlog(waiting, oldest)
                     if not docs:
                         break
                     lease = self.lease
@@ -390,7 +450,16 @@ class TopicModelAgent(Agent):
                     elif lease is None and self.vram is not None and not self.gpu_asked:
                         self.gpu_asked = True     # work again after an idle revoke: ask for the GPU again
                         self.reactor.call_soon_threadsafe(self._acquire_gpu)
+                    started = time.monotonic()
                     events = self._process(store, docs)
+                    self.batches.append((started, time.monotonic(), len(docs)))
+                    self.speed = scoring_speed(self.batches)
+                    self.m_scored.inc(len(docs))
+                    # what still waits (less any stored meanwhile: the next pass, at once, counts again)
+                    left = max(0, waiting - len(docs))
+                    self._set_backlog(left, oldest)
+                    for event in events:
+                        event.backlog = left
                     self._apply_device()
                     s = self.settings
                     if (self.since_checkpoint >= s.checkpoint_every
@@ -422,7 +491,8 @@ class TopicModelAgent(Agent):
                 scores.append(Scores(document_id=doc.id, embedding_id=original.embedding_id, duplicate_of=original.url,
                                      topic=original.topic, novelty=0.0, novelty_kl=0.0, topic_label=original.label))
                 events.append(DocScored(url=doc.url, document_id=doc.id, topic=original.topic,
-                                        label=original.label or "", duplicate_of=original.url, similarity=1.0))
+                                        label=original.label or "", duplicate_of=original.url, similarity=1.0,
+                                        fetched_at=doc.fetched_at))
             self.counts["exact_duplicates"] += len(copies)
             store.save_scores(scores)
             self.counts["documents"] += len(scores)
@@ -453,7 +523,7 @@ class TopicModelAgent(Agent):
                                      novelty=0.0, novelty_kl=0.0, topic_label=label, topic_weights=weights))
                 events.append(DocScored(url=doc.url, document_id=doc.id, topic=topic, label=label or "",
                                         duplicate_of=original.url, similarity=round(sim, 4),
-                                        embedding=_f16(sems[i])))
+                                        embedding=_f16(sems[i]), fetched_at=doc.fetched_at))
                 self.counts["duplicates"] += 1
                 continue
             sc = self.topics.score(sems[i:i + 1], [doc.text or ""])[0]
@@ -465,7 +535,7 @@ class TopicModelAgent(Agent):
                                  novelty_kl=sc.novelty_kl, topic_label=sc.label, topic_weights=sc.weights))
             events.append(DocScored(url=doc.url, document_id=doc.id, topic=sc.topic, label=sc.label,
                                     novelty=round(sc.novelty, 6), novelty_kl=round(sc.novelty_kl, 6),
-                                    new_topic=sc.new_topic, embedding=_f16(sems[i])))
+                                    new_topic=sc.new_topic, embedding=_f16(sems[i]), fetched_at=doc.fetched_at))
         return scores, events
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -508,8 +578,15 @@ class TopicModelAgent(Agent):
     # --- requests ---------------------------------------------------------------------------------
 
     def gauges(self) -> dict[str, float]:
-        """Counts, topics, and the novelty of the last 200 non-duplicate documents (p10, p50, p90)."""
+        """Counts, topics, the novelty of the last 200 non-duplicate documents (p10, p50, p90), and how far behind
+        the store it is: `backlog` (documents waiting), `backlog_oldest_s` (0 when none waits), `scored_per_min`
+        (the dashboard shows them as "scored N of M (backlog B, oldest Xs)")."""
         out: dict[str, float] = dict(self.counts)
+        backlog = self.backlog
+        if backlog is not None:
+            out.update(backlog=backlog[0], backlog_oldest_s=round(self.backlog_age_s() or 0.0, 1))
+        if self.speed is not None:
+            out["scored_per_min"] = self.speed
         if self.profile is not None:
             out[f"profile:{self.profile.name}"] = 1.0   # the dashboard shows the name (as the vram agent's lease_mb:)
         topics = self.topics
@@ -535,4 +612,7 @@ class TopicModelAgent(Agent):
                                                 mean_novelty=round(t.mean_novelty, 6)) for t in infos[:msg.limit]],
                            total_topics=len(infos), documents=counts["documents"], duplicates=counts["duplicates"],
                            exact_duplicates=counts["exact_duplicates"], index=index, device=self.embedder.device,
-                           profile=self.profile.describe() if self.profile is not None else "")
+                           profile=self.profile.describe() if self.profile is not None else "",
+                           backlog=self.backlog[0] if self.backlog is not None else None,
+                           oldest_unscored_s=None if (age := self.backlog_age_s()) is None else round(age, 1),
+                           scored_per_min=self.speed)

@@ -133,9 +133,24 @@ function renderPipeline(p, agents) {
   const profiles = [...new Set((agents || []).flatMap((a) => Object.keys(a.gauges || {})
     .filter((k) => k.startsWith("profile:")).map((k) => k.slice(8))))];
   const profile = profiles.length ? `<div data-figure="profile"><dt>embedding profile</dt><dd>${esc(profiles.join(", "))}</dd></div>` : "";
-  $("pipeline").innerHTML = shown.length || profile ? shown.map(([k, label]) =>
-    `<div data-figure="${k}"><dt>${label}</dt><dd>${k.startsWith("novelty") ? Number(p[k]).toFixed(3) : num(p[k])}</dd></div>`).join("") + profile
+  const behind = topicBacklog(agents);
+  $("pipeline").innerHTML = shown.length || profile || behind ? shown.map(([k, label]) =>
+    `<div data-figure="${k}"><dt>${label}</dt><dd>${k.startsWith("novelty") ? Number(p[k]).toFixed(3) : num(p[k])}</dd></div>`).join("") + profile + behind
     : '<p class="none">no pipeline agent reporting yet</p>';
+}
+
+// Whether the topic model keeps up with the store (its gauges documents, backlog, backlog_oldest_s, scored_per_min):
+// "scored N of M (backlog B, oldest Xs)", M being what it scored plus what waits; its speed beside it.
+function topicBacklog(agents) {
+  const g = (agents || []).filter((a) => a.kind === "topic_model" && a.gauges && a.gauges.backlog !== undefined).map((a) => a.gauges);
+  if (!g.length) return "";
+  const sum = (k) => g.reduce((t, x) => t + (x[k] || 0), 0);
+  const scored = sum("documents"), backlog = sum("backlog");
+  const oldest = Math.max(...g.map((x) => x.backlog_oldest_s || 0));
+  const rates = g.filter((x) => x.scored_per_min !== undefined);
+  const text = `scored ${num(scored)} of ${num(scored + backlog)} (backlog ${num(backlog)}${backlog > 0 ? ", oldest " + dur(oldest) : ""})`;
+  const rate = rates.length ? ` <small data-rate>${num(sum("scored_per_min"))}/min</small>` : "";
+  return `<div data-figure="topic-backlog" data-backlog="${backlog}" class="row"><dt>topic model</dt><dd>${esc(text)}${rate}</dd></div>`;
 }
 
 function line(points, w, h, xmin, xmax, ymax, cls) {
