@@ -3,6 +3,13 @@
     start -> register with the twin -> wait until required dependencies are ready -> on_ready()
           -> ready, heartbeat every interval -> SIGTERM: drain (on_drain) -> deregister -> exit
 
+Heartbeats go out from the agent's own loop, never from a thread of their own: a heartbeat is the
+twin's proof that the loop turns, so a hung loop (an endless callback, a deadlock, a stopped
+process) goes silent and is declared dead after `dead_after_missed` intervals. The price is that
+an agent's own work must not keep its loop for long: work that may take a heartbeat interval or
+more belongs on a worker thread or process, or is cut into slices, one per turn. A watchdog
+thread says which step broke that rule, with the loop's stack, while it does (it never beats).
+
 A kind subclasses `Agent`, declares its settings model, and marks request handlers with
 `@handles(MessageType)`; everything else (sockets, CURVE, metrics, the twin link, signals)
 lives here once. The twin going away does not stop an agent: it keeps serving, keeps
@@ -15,8 +22,10 @@ import importlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 import uuid
 from typing import Any, Callable, ClassVar
 
@@ -48,6 +57,8 @@ from network.security import Guard, MissingKey, load_identity
 
 READY_STATES = (AgentState.READY, AgentState.DEGRADED)
 WAIT_POLL_S = 0.5  # fallback poll while waiting; twin state events usually wake the agent sooner
+WATCH_EVERY_S = 0.25   # how often the loop watchdog looks whether the loop turned
+WATCH_MIN_S = 0.5      # a step is reported once it kept the loop this long, or a heartbeat interval if longer
 
 
 class AgentSettings(BaseModel):
@@ -211,11 +222,15 @@ class Agent:
             signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
             signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         self.start()
+        watched = threading.Event()
+        threading.Thread(target=self._watch_loop, args=(threading.get_ident(), watched), name=f"{self.name}-loop-watch",
+                         daemon=True).start()
         try:
             while not self._stop_requested.is_set():
                 self.reactor.run_once()
             self._drain()
         finally:
+            watched.set()
             self.close()
         if self.failure:
             raise SystemExit(self.failure)
@@ -287,6 +302,34 @@ class Agent:
                 self.reactor.run_once(0.05)
         self.state = AgentState.STOPPED
         self.log.info("stopped")
+
+    def _watch_loop(self, loop_ident: int, done: threading.Event) -> None:
+        """Watchdog thread: when one step keeps the loop from turning for a heartbeat interval or longer (every
+        heartbeat, reply and timer waits behind it; at `dead_after_missed` intervals the twin declares the agent
+        dead), logs where the loop is stuck, from its stack, and how long the step lasted once it turns again. Only
+        while the agent is ready: on_ready (model loads, which the twin's loading grace allows for) and the drain keep
+        the loop by design. It only reports: heartbeats still come from the loop alone."""
+        reactor = self.reactor
+        idle = Reactor.run_once.__code__   # the innermost Python frame while the loop waits in its poll
+        seen, since, reported = reactor.turns, time.monotonic(), False
+        while not done.wait(WATCH_EVERY_S):
+            turns, now = reactor.turns, time.monotonic()
+            if turns != seen:
+                if reported:
+                    self.log.warning("the loop turns again, after %.1fs or more in that one step", now - since)
+                seen, since, reported = turns, now, False
+            elif (not reported and self.state in READY_STATES
+                  and now - since >= max(WATCH_MIN_S, self.heartbeat_interval_s)):
+                frame = sys._current_frames().get(loop_ident)
+                if frame is None or frame.f_code is idle:
+                    since = now    # waiting in its poll: the whole process stood still (SIGSTOP, a stalled host)
+                    continue
+                reported = True
+                where = " < ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})"
+                                   for f in reversed(traceback.extract_stack(frame)[-8:]))
+                self.log.warning("one step has kept the loop for %.1fs or more, so heartbeats wait (the twin declares "
+                                 "an agent dead after %d missed); the loop is in %s", now - since,
+                                 self.config.mesh.dead_after_missed, where)
 
     def close(self) -> None:
         for closable in [*self._peers.values(), *self._subscribers.values(), self.twin, self.server, self.publisher]:

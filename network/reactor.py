@@ -2,7 +2,9 @@
 
 Each agent runs one reactor: it polls its sockets, calls the callback of each readable one,
 and runs due timers. Handlers are plain functions; nothing here blocks longer than the
-next timer or `max_wait` (so a stop request is seen within that time).
+next timer or `max_wait` (so a stop request is seen within that time). A callback that
+blocks blocks everything else, heartbeats included: `turns` counts the loop's turns, so that
+another thread can tell a loop stuck in one step (mesh/runtime.py logs where it is stuck).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Reactor:
         self._wake_r: int | None = None
         self._wake_w: int | None = None
         self._wake_lock = threading.Lock()
+        self.turns = 0   # run_once calls so far: unchanged for longer than max_wait means a callback is blocking
 
     def add_socket(self, sock: zmq.Socket | int, callback: Callable[[], None]) -> None:
         self.poller.register(sock, zmq.POLLIN)
@@ -121,6 +124,7 @@ class Reactor:
             self.run_once()
 
     def run_once(self, max_wait: float | None = None) -> None:
+        self.turns += 1
         wait = self.max_wait if max_wait is None else max_wait
         if self._timers:
             wait = max(0.0, min(wait, self._timers[0][0] - time.monotonic()))

@@ -19,8 +19,10 @@ extractor's upsert makes a repeat harmless, so every fetched page ends in the st
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import zstandard
@@ -49,13 +51,15 @@ from mesh.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
 from network.messages import AgentState
 from network.reactor import Timer
-from network.rpc import MeshError
+from network.rpc import Deferred, MeshError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 POP_PAUSE_S = 1.0    # every host's buffer was full: take only what busy hosts have room for, for this long
 PERMANENT_ERRORS = ("too_large", "invalid_body", "undecodable")   # delivering again cannot help
 FRAME_OVERHEAD = 64 << 10
 STORE_RETRY_S = 2.0
+PRIORITIZE_SLICE_S = 0.05   # the most one slice of a crawl.prioritize keeps the loop; the next slice waits a turn
+PRIORITIZE_CHUNK = 32       # URLs per frontier call within a slice
 
 
 class CrawlSettings(AgentSettings):
@@ -83,6 +87,14 @@ class CrawlSettings(AgentSettings):
     host_buffer: int = Field(4, ge=1, le=1024, description="URLs taken from the frontier ahead of time per host (at "
                              "least 2 x per_host_concurrency), in priority order; the rest stay in the frontier, where "
                              "new priorities still reorder them")
+
+
+def _parse_robots(r: FetchResult) -> Protego | None:
+    """A robots.txt response, parsed on the fetcher's storage thread (Protego takes about a second for the 512 kB a
+    robots.txt may have here, which on the reactor would hold back its heartbeats); None unless it is a 2xx."""
+    if r.status is None or not 200 <= r.status < 300:
+        return None
+    return Protego.parse((r.body or b"").decode("utf-8", errors="replace"))
 
 
 def _insert_by_priority(queue: collections.deque, entry: Entry) -> None:
@@ -145,6 +157,9 @@ class CrawlCoordinator(Agent):
         self._local = threading.local()
         self._zstd = zstandard.ZstdCompressor(level=3)
         self._running = False
+        # crawl.prioritize frames being applied, oldest first: what is left of each, its result so far, its reply
+        self._prioritizing: collections.deque[tuple[Iterator[tuple[str, float]], PrioritizeResult, Deferred]] = \
+            collections.deque()
 
     # --- start and stop ---------------------------------------------------------------------
 
@@ -173,6 +188,7 @@ class CrawlCoordinator(Agent):
 
     def on_drain(self) -> None:
         self._running = False
+        self._fail_prioritizing("draining", f"crawl coordinator {self.name!r} is draining")
         if self.fetcher is not None:
             self.fetcher.close()
         if self.frontier is not None:
@@ -293,7 +309,8 @@ class CrawlCoordinator(Agent):
         hs.robots_started = now
         hs.next_start = now + max(self.settings.politeness_s, hs.crawl_delay)
         url = origin_of(hs.queue[0].url) + "/robots.txt"
-        self.fetcher.submit(url, lambda r: self._robots_fetched(host, hs, r, 0), max_bytes=512 << 10, store=False)
+        self.fetcher.submit(url, lambda r: self._robots_fetched(host, hs, r, 0), max_bytes=512 << 10, store=False,
+                            parse=_parse_robots)
         return float("inf")
 
     def _robots_fetched(self, host: str, hs: HostState, r: FetchResult, hops: int) -> None:
@@ -301,11 +318,11 @@ class CrawlCoordinator(Agent):
             return
         if r.status in REDIRECTS and r.redirect_to and hops < 5:
             self.fetcher.submit(r.redirect_to, lambda r2: self._robots_fetched(host, hs, r2, hops + 1),
-                                max_bytes=512 << 10, store=False)
+                                max_bytes=512 << 10, store=False, parse=_parse_robots)
             return
         if r.error is None and r.status is not None and r.status < 500 and r.status != 429:
-            text = (r.body or b"").decode("utf-8", errors="replace") if 200 <= r.status < 300 else ""
-            hs.robots = Protego.parse(text)   # 4xx: no robots.txt, everything allowed
+            # parsed on the fetcher's storage thread; 4xx (or a parse that failed): no robots.txt, everything allowed
+            hs.robots = r.parsed if isinstance(r.parsed, Protego) else Protego.parse("")
             delay = hs.robots.crawl_delay(self.settings.user_agent)
             hs.crawl_delay = min(float(delay or 0.0), self.settings.max_crawl_delay_s)
             hs.next_start = max(hs.next_start, hs.robots_started + hs.crawl_delay)  # robots.txt was a request too
@@ -597,11 +614,44 @@ class CrawlCoordinator(Agent):
         return False
 
     @handles(Prioritize)
-    def on_prioritize(self, msg: Prioritize, env: Envelope) -> PrioritizeResult:
+    def on_prioritize(self, msg: Prioritize, env: Envelope) -> Deferred:
+        """New priorities, applied in slices of at most PRIORITIZE_SLICE_S, one slice per turn of the loop, frames in
+        the order they came; the reply comes with the last slice. A frame carries up to 5 000 URLs (the curiosity agent
+        rescoring everything pending) and each URL is a frontier write: applied in one go under load (~1 ms a URL on
+        two busy cores) that kept the loop, and with it the heartbeats, for seconds, and the twin declared the
+        coordinator dead. A retry of the frame while it is applied is answered with it (Deferred)."""
         self._require_ready()
-        result = PrioritizeResult()
+        reply = Deferred()
+        self._prioritizing.append((iter(msg.priorities.items()), PrioritizeResult(), reply))
+        if len(self._prioritizing) == 1:
+            self.reactor.call_later(0, self._prioritize_slice)
+        return reply
+
+    def _prioritize_slice(self) -> None:
+        if not self._prioritizing:
+            return
+        items, result, reply = self._prioritizing[0]
+        deadline = time.monotonic() + PRIORITIZE_SLICE_S
+        try:
+            while chunk := list(itertools.islice(items, PRIORITIZE_CHUNK)):
+                self._prioritize(chunk, result)
+                if time.monotonic() >= deadline:
+                    break
+            else:
+                self._prioritizing.popleft()
+                reply.resolve(result)
+        except FrontierUnavailable as exc:
+            self._prioritizing.popleft()
+            self.degraded("frontier", exc)
+            reply.fail("unavailable", f"frontier unavailable: {exc}")
+        if self._prioritizing:
+            self.reactor.call_later(0, self._prioritize_slice)
+
+    def _prioritize(self, chunk: list[tuple[str, float]], result: PrioritizeResult) -> None:
+        if self.frontier is None:
+            raise FrontierUnavailable("the coordinator has closed its frontier")
         wanted: dict[str, tuple[str, float]] = {}
-        for raw, priority in msg.priorities.items():
+        for raw, priority in chunk:
             try:
                 wanted[normalize(raw)] = (raw, priority)
             except BadURL:
@@ -612,4 +662,8 @@ class CrawlCoordinator(Agent):
                 result.updated += 1
             else:
                 result.not_queued.append(raw)
-        return result
+
+    def _fail_prioritizing(self, code: str, message: str) -> None:
+        while self._prioritizing:
+            _, _, reply = self._prioritizing.popleft()
+            reply.fail(code, message)

@@ -3,7 +3,8 @@
 One asyncio loop in its own thread drives an `httpx.AsyncClient` (connection pooling and
 keep-alive per host). The coordinator's reactor thread calls `submit()`; when a fetch ends, an
 optional `postprocess` runs on a storage thread (the coordinator writes the raw store there, so
-an fsync never stalls a fetch) and the result is handed back on the reactor thread.
+an fsync never stalls a fetch, nor the reactor's heartbeats), as does a fetch's own `parse`
+(robots.txt), and the result is handed back on the reactor thread.
 
 Every fetch is capped: total time (`timeout_s`), body size (`max_bytes`: the body is cut there
 and marked truncated), and content type (a type outside `accept` is not downloaded at all).
@@ -22,7 +23,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urljoin
 
 import httpx
@@ -58,6 +59,7 @@ class FetchResult:
     fetch_id: str | None = None
     content_hash: str | None = None
     body_zstd: bytes | None = None
+    parsed: Any = None                  # what submit(parse=...) made of the response, on the storage thread
 
     @property
     def media_type(self) -> str:
@@ -212,15 +214,19 @@ class Fetcher:
             self._loop.close()
 
     def submit(self, url: str, done: Callable[[FetchResult], None], *, accept: Callable[[str], bool] | None = None,
-               max_bytes: int | None = None, store: bool = True) -> None:
+               max_bytes: int | None = None, store: bool = True,
+               parse: Callable[[FetchResult], Any] | None = None) -> None:
         """Fetches `url`; `done(result)` runs later on the reactor's thread. `accept(media_type)`
-        decides whether a body is downloaded (None: any)."""
+        decides whether a body is downloaded (None: any). `parse(result)`, for a response, runs on the storage
+        thread and its value goes in `result.parsed` (None if it raised, which is logged): parsing that can take
+        seconds (a robots.txt of 500 kB takes Protego about one) must not keep the reactor from its heartbeats."""
         if self._closed:
             return
-        asyncio.run_coroutine_threadsafe(self._fetch(url, done, accept, max_bytes or self.max_bytes, store), self._loop)
+        asyncio.run_coroutine_threadsafe(self._fetch(url, done, accept, max_bytes or self.max_bytes, store, parse),
+                                         self._loop)
 
     async def _fetch(self, url: str, done: Callable[[FetchResult], None], accept: Callable[[str], bool] | None,
-                     max_bytes: int, store: bool) -> None:
+                     max_bytes: int, store: bool, parse: Callable[[FetchResult], Any] | None = None) -> None:
         result = FetchResult(url=url, final_url=url, fetched_at=time.time())
         started = time.monotonic()
         try:
@@ -265,6 +271,11 @@ class Fetcher:
             except Exception as exc:
                 log.exception("storing the fetch of %s failed", url)
                 result.error = f"cannot store the fetched body: {type(exc).__name__}: {exc}"
+        if parse is not None and result.error is None:
+            try:
+                result.parsed = await self._loop.run_in_executor(self._storage, parse, result)
+            except Exception:
+                log.exception("parsing the fetch of %s failed", url)
         self.reactor.call_soon_threadsafe(lambda: done(result))
 
     def close(self) -> None:

@@ -79,6 +79,7 @@ class Extractor(Agent):
     def on_ready(self) -> None:
         self.store = open_docstore(self.config.store_url("documents"))
         self.pool = self._new_pool()
+        self._start_workers()
         self.log.info("document store %s (schema v%d), %s", self.config.store_url("documents").split("@")[-1],
                       self.store.schema_version(),
                       f"{self.settings.workers} worker process(es)" if self.settings.workers else "in-process extraction")
@@ -114,6 +115,21 @@ class Extractor(Agent):
             future = self.pool.submit(*job)
         future.add_done_callback(lambda f: self.reactor.call_soon_threadsafe(lambda: self._finish(msg, f, reply)))
         return reply
+
+    def _start_workers(self) -> None:
+        """Starts every worker process now, in on_ready, not in the first pages' submit on the loop: the first start
+        launches multiprocessing's fork server, which imports the extraction stack before it forks (2-4 s on two busy
+        cores), and that kept heartbeats back long enough for the twin to declare the extractor dead at the start of
+        a crawl. on_ready may take that long (the twin's loading grace). A submit spawns a process while none is idle,
+        so one trivial job per worker starts them all; waiting for them also waits for each worker's warm-up. Later
+        replacements fork from the running fork server, which is quick."""
+        if not self.settings.workers:
+            return
+        try:
+            for started in [self.pool.submit(os.getpid) for _ in range(self.settings.workers)]:
+                started.result()
+        except BrokenProcessPool:   # a worker died in its warm-up: the first page gets a fresh pool
+            self._replace_pool()
 
     def _replace_pool(self) -> None:
         self.log.warning("an extraction worker died; starting a new pool")

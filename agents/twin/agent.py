@@ -93,6 +93,8 @@ class Record:
     troubles: collections.deque = field(default_factory=lambda: collections.deque(maxlen=32))  # deaths, restarts
     flap_alerted: float = 0.0
     loading_since: float | None = None  # monotonic: told "ready to start", running its on_ready (loading models)
+    beat_at: float | None = None  # monotonic: the last heartbeat of this instance, for the gap between two of them
+    max_gap: float = 0.0  # the longest such gap seen since the twin started (seconds): how near the deadline it came
 
 
 def _is_loopback(bind: str) -> bool:
@@ -226,7 +228,7 @@ class DigitalTwin(Agent):
         if rec.instance != msg.instance:
             rec.started_at = time.time()
             rec.last_count, rec.rate, rec.error_rate = None, 0.0, 0.0
-            rec.loading_since = None
+            rec.loading_since = rec.beat_at = None
         rec.instance, rec.pid, rec.last_seen = msg.instance, msg.pid, time.monotonic()
         rec.kind_name = msg.kind
         rec.reported = reported
@@ -242,7 +244,8 @@ class DigitalTwin(Agent):
         reported = _reported(msg, HEARTBEAT_STATES)
         if rec.instance != msg.instance or rec.state == AgentState.STOPPED:
             return HeartbeatAck(registered=False)
-        rec.last_seen = time.monotonic()
+        rec.last_seen = now = time.monotonic()
+        self._gap(rec, now)
         rec.reported, rec.stats, rec.detail = reported, msg.stats, msg.detail
         rec.loading_since = None
         self._rates(rec, msg.stats)
@@ -384,9 +387,27 @@ class DigitalTwin(Agent):
             self._alert(AlertKind.HOST_RECOVERED, "info", f"host {host} is reachable again ({reason})", host=host)
         self._snapshot_soon()
 
+    def _gap(self, rec: Record, now: float) -> None:
+        """Keeps the longest gap between two heartbeats of one instance, and says when one came late (past two
+        thirds of the deadline): a near miss names the agent whose loop was blocked before a false alarm would."""
+        if rec.beat_at is not None and rec.state not in SILENT:
+            gap = now - rec.beat_at
+            rec.max_gap = max(rec.max_gap, gap)
+            if gap > 2 * self.dead_after / 3:
+                self.log.warning("late heartbeat from %s: %.1fs after the one before (dead after %.1fs); its log names "
+                                 "the step that blocked its loop, if one did", rec.agent, gap, self.dead_after)
+        rec.beat_at = now
+
     def _sweep(self) -> None:
         """Silent agents are dead; when every agent of another host is silent at once, the host
-        is unreachable (the link, not the agents, is the likely cause) and its agents say so."""
+        is unreachable (the link, not the agents, is the likely cause) and its agents say so.
+
+        Whatever already waits on the twin's socket is handled first: heartbeats that arrived while the twin itself
+        was busy or not scheduled (2 cores, a crawl, a test run) are not silence. A heartbeat counts from when the
+        twin handled it, never before it arrived, so the twin's own delays cannot make an agent look dead; they can
+        only postpone a verdict, by as long as they last."""
+        if self.server is not None:
+            self.server.on_readable()
         now = time.monotonic()
         silent_by_host: dict[str, list[Record]] = {}
         heard: set[str] = set()
@@ -505,6 +526,7 @@ class DigitalTwin(Agent):
                 "state": str(rec.state), "since": round(rec.since, 1), "level": self.levels.get(rec.agent, 0) + 1,
                 "depends_on": rec.depends_on, "waiting_on": rec.waiting_on if rec.state == AgentState.WAITING else [],
                 "heartbeat_age_s": None if rec.last_seen is None else round(now - rec.last_seen, 1),
+                "heartbeat_max_gap_s": round(rec.max_gap, 3),
                 "uptime_s": round(wall - rec.started_at) if live and rec.started_at else None,
                 "restarts": rec.restarts, "pid": rec.pid,
                 "msgs_per_s": round(rec.rate, 2) if live else 0.0,
