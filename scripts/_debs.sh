@@ -19,7 +19,7 @@ if [ ${#debs_missing[@]} -gt 0 ]; then
         apt-get install -y -qq "${debs_missing[@]}" >/dev/null
     else
         echo "scripts/test: not root, so the tests that need these Debian packages will skip:" >&2
-        echo "  sudo apt-get install -y ${debs_missing[*]}" >&2
+        echo "  apt-get install -y ${debs_missing[*]}    (as root)" >&2
     fi
 fi
 unset debs_missing
