@@ -262,6 +262,15 @@ def chromium():
             browser.close()
 
 
+def desktop_page(chromium):
+    """A 1280x900 page of the dashboard's browser, and the list its script errors and console errors go to."""
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    return page, errors
+
+
 def test_dashboard_in_chromium_shows_every_agent_and_a_kill_live(write_config, mesh_up, chromium):
     path, cfg = write_config(mesh_dict({"a": {"kind": "echo", "depends_on": ["twin"]},
                                         "b": {"kind": "echo", "depends_on": ["a"], "required": False},
@@ -273,10 +282,7 @@ def test_dashboard_in_chromium_shows_every_agent_and_a_kill_live(write_config, m
     wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=30, what="mesh ready")
     out = OUTPUT / "dashboard"
     out.mkdir(parents=True, exist_ok=True)
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page, errors = desktop_page(chromium)
     page.goto(dashboard_url(cfg) + "/")
     for agent in ("twin", "a", "b", "c"):
         page.wait_for_selector(f'tr[data-agent="{agent}"][data-state="ready"]', timeout=15000)
@@ -336,10 +342,7 @@ def test_dashboard_in_chromium_shows_how_far_behind_the_topic_model_is(write_con
     wait_for(lambda: httpx.get(base + "/healthz").status_code == 200, timeout=10, what="dashboard up")
     out = OUTPUT / "dashboard"
     out.mkdir(parents=True, exist_ok=True)
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page, errors = desktop_page(chromium)
     page.goto(base + "/")
     figure = '#pipeline [data-figure="topic-backlog"]'
     page.wait_for_selector(f'{figure}[data-backlog="5"]', timeout=120000)   # the model loads first
