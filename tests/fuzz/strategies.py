@@ -95,12 +95,16 @@ def verdict(frame: bytes, max_frame_bytes: int) -> str:
     return "ok"
 
 
-def event_verdict(parts: list[bytes], max_frame_bytes: int) -> str:
-    """What a subscriber makes of a published message (docs/PROTOCOL.md, Publish/subscribe)."""
+def event_verdict(parts: list[bytes], max_frame_bytes: int, publisher: str | None = None) -> str:
+    """What a subscriber makes of a published message (docs/PROTOCOL.md, Publish/subscribe); with `publisher`, the
+    agent subscribed to: a valid event that names another sender is never believed (`unexpected_event`)."""
     if len(parts) != 2:
         return "undecodable"
     try:
         parts[0].decode()
     except UnicodeDecodeError:
         return "undecodable"
-    return verdict(parts[1], max_frame_bytes)
+    code = verdict(parts[1], max_frame_bytes)
+    if code == "ok" and publisher is not None and decode(parts[1], max_frame_bytes=max_frame_bytes).sender != publisher:
+        return "unexpected_event"
+    return code

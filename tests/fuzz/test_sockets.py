@@ -411,7 +411,7 @@ def test_subscriber_drops_and_counts_every_bad_event(plain_mesh):
             st.tuples(st.text(max_size=20).map(str.encode) | st.binary(max_size=20), frames(sender="rogue")).map(list),
         ))
         def attack(parts):
-            code = event_verdict(parts, MAX_FRAME)
+            code = event_verdict(parts, MAX_FRAME, publisher="rogue")
             if code != "ok":
                 expected[code] += 1
             rogue.send_multipart(parts)
