@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from store.files import fsync_dir
+
 RECIPE = "torchscript-opset17+ort-bert-fusion+dynamic-qint8-per-channel/1"
 MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"
@@ -130,14 +132,6 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def quantized_model(model, model_dir: str | Path, cache_dir: str | Path) -> Path:
     """The int8 ONNX file of `model` (a SentenceTransformer loaded from `model_dir`): from `cache_dir` when a complete
     entry is there, else exported now (about 20 s for all-MiniLM-L6-v2 on 2 cores) and cached."""
@@ -173,9 +167,9 @@ def quantized_model(model, model_dir: str | Path, cache_dir: str | Path) -> Path
             for name in (MODEL_FILE, META_FILE):
                 with (tmp / name).open("rb") as f:
                     os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, entry)
-            _fsync_dir(cache_dir)
+            fsync_dir(cache_dir)
             log.info("int8 ONNX model of %s exported to %s in %.1fs (fused: %s)", model_dir, entry,
                      time.monotonic() - started, fused)
         finally:

@@ -33,3 +33,12 @@ def atomic_write_bytes(path: Path, data) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
     atomic_write(path, write)
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes the names in directory `path` durable (a rename or a new file in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -27,6 +27,7 @@ from typing import Self
 
 import zstandard
 
+from store.files import fsync_dir
 from store.sql import connect_sqlite
 
 ZSTD_LEVEL = 3
@@ -141,19 +142,11 @@ class RawStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._fsync_dir(final.parent)
+        fsync_dir(final.parent)
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO objects (sha, size, stored, created_at) VALUES (?, ?, ?, ?)",
                              (sha, len(body), len(data), time.time()))
         return sha
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def get(self, sha: str) -> bytes:
         """The body stored as `sha`. RawMissing if there is none; RawCorrupt if the file is damaged."""
