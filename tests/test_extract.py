@@ -12,6 +12,7 @@ from trafilatura.utils import load_html
 from agents.extractor.backends import DEFAULT_BACKENDS, MAX_ANCHOR, MAX_OUTLINKS, extract
 from agents.urls import BadURL, LinkResolver, normalize
 from testing.system import missing, reason
+from tests.fuzz.hostile_site import many_attributes
 from tests.site import Site, make_pdf
 
 PYDOC = Path("/usr/share/doc/python3/html")
@@ -192,6 +193,14 @@ def test_broken_and_empty_pages_are_recorded_not_dropped(site):
     for garbage in (b"", b"\x00\x01\x02", b"<<<>>>" * 1000):
         out = extract(garbage, url="http://h/x", content_type="text/html")
         assert out.state == "failed" and out.error
+
+
+def test_a_page_past_its_time_budget_is_stopped_and_failed_with_the_reason(site):
+    body = many_attributes(40_000)      # seconds of quadratic work in libxml2, htmldate and trafilatura
+    out = extract(body, url="http://h/attrs.html", content_type="text/html", time_budget_s=0.05)
+    assert out.state == "failed" and out.error == "trafilatura took longer than 0.05 s (the page's time budget): stopped"
+    honest = extract(site.body("/a/1.html"), url=site.url("/a/1.html"), content_type="text/html", time_budget_s=5.0)
+    assert honest.state == "extracted"       # the next page gets its own budget
 
 
 def test_pdf_backend_and_its_failures():
