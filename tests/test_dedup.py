@@ -277,6 +277,7 @@ def unit(v: np.ndarray) -> np.ndarray:
 # --- the acceptance test ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow   # 160 real pages embedded in torch fp32: about 30 s on 2 cores
 def test_near_duplicates_on_python_docs(embedder: Embedder, pages: Pages):
     t0 = time.monotonic()
     ts = build_test_set(pages)

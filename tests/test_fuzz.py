@@ -7,6 +7,7 @@ import re
 import urllib.request
 
 import msgpack
+import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,7 @@ def scrape_errors(port: int) -> float:
     return sum(float(v) for v in re.findall(r'^mesh_errors_total\{[^}]*\} (\S+)$', body, re.M))
 
 
+@pytest.mark.slow   # 10 000 frames: about 45 s on 2 cores
 def test_random_and_malformed_frames_leave_the_agent_running(write_config, mesh_up):
     path, cfg = write_config(mesh_dict({"target": {"kind": "echo", "depends_on": ["twin"]}},
                                        max_frame_bytes=64 * 1024))
