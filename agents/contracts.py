@@ -49,6 +49,13 @@ class CrawlStatus(Message):
     budget_left: int = 0
     idle: bool = False         # nothing left to fetch or hand off (or the page budget is spent)
     hosts: int = 0
+    # pacing by the learner (agents/crawler/agent.py): the topic model it follows (None: none), its stored documents
+    # not yet scored as last known (None before its first doc.scored), whether new fetches wait for it now, and the
+    # seconds they waited in all
+    learner: str | None = None
+    learner_unscored: int | None = None
+    waiting_for_learner: bool = False
+    learner_wait_s: float = 0.0
 
 
 class Enqueue(Message):

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -362,3 +363,52 @@ def test_new_priorities_reorder_a_polite_crawl(write_config, run_agents):
     assert order.index("/a/12.html") <= 1 and order.index("/a/11.html") <= 2 and order.index("/a/10.html") <= 3, order
     rest = order[1:]                       # after the fetch that may have been under way
     assert all(rest.index("/a/10.html") < rest.index(f"/a/{i}.html") for i in range(2, 10) if f"/a/{i}.html" in rest)
+
+
+def test_the_crawl_waits_for_a_learner_that_falls_behind_and_not_for_one_that_is_gone(write_config, mesh_up):
+    """Pacing by the learner: with the topic model stopped (SIGSTOP) the crawl starts no new fetch once more than
+    max_unscored stored documents wait for it; when the twin declares it dead the crawl goes on without it; back
+    (SIGCONT), it catches up, and every page ends stored once and scored."""
+    with Site(pages=30, slow_s=0.1) as site:
+        path, cfg = write_config(mesh_dict({
+            "extractor": {"kind": "extractor", "depends_on": ["twin"], "settings": {"workers": 1}},
+            "topics": {"kind": "topic_model", "depends_on": ["twin"],
+                       "settings": {"poll_s": 0.1, "batch_docs": 4, "max_chunks": 2}},
+            "crawler": {"kind": "crawl_coordinator", "depends_on": ["extractor", "topics"],   # learning from page 1
+                        "settings": {"seeds": [site.url("/")], **FAST, "max_depth": 3, "politeness_s": 0.02,
+                                     "concurrency": 2, "handoff_window": 2, "max_unscored": 3}},
+        }, heartbeat_interval_s=0.5, dead_after_missed=12))   # the twin: dead after 6 s of silence
+        mesh_up(path)
+        with client(cfg, "crawler", timeout=1.0) as cr, client(cfg, "topics", timeout=1.0) as tm:
+            wait_for(lambda: cr.request(CrawlStatusRequest()).learner_unscored is not None, timeout=90, interval=0.05,
+                     what="the crawler to hear from the learner")
+            assert cr.request(CrawlStatusRequest()).learner == "topics"
+            pid = tm.request(Ping()).pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                held = wait_for(lambda: (st := cr.request(CrawlStatusRequest())).waiting_for_learner and st,
+                                timeout=20, interval=0.05, what="new fetches to wait for the stopped learner")
+                assert held.learner_unscored > 3 and not held.idle
+                time.sleep(1.5)            # what was under way when it began to wait is stored; nothing new starts
+                still = cr.request(CrawlStatusRequest())
+                assert still.waiting_for_learner and still.in_flight == 0
+                assert still.done + still.failed <= held.done + held.failed + 4, (held, still)
+                # the twin declares the silent learner dead: the crawl no longer waits for it
+                gone = wait_for(lambda: not (st := cr.request(CrawlStatusRequest())).waiting_for_learner and st,
+                                timeout=20, interval=0.1, what="the crawl to go on without the dead learner")
+                wait_for(lambda: cr.request(CrawlStatusRequest()).done > gone.done, timeout=10,
+                         what="pages stored while the learner is down")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            status = wait_idle(cfg, timeout=120)
+            assert status.learner_wait_s > 1.0 and status.fetched == 0
+        store = open_docstore(cfg.store_url("documents"))
+        try:
+            wait_for(lambda: not store.pending_topic(1), timeout=120, interval=0.2, what="every document scored")
+            urls = [d.url for d in store.documents()]
+            assert len(urls) == len(set(urls)) and len(urls) >= 20
+        finally:
+            store.close()
+        log = (cfg.mesh.data_dir / "logs" / "crawler.log").read_text()
+        assert re.search(r"new fetches wait for the learner topics: \d+ stored document\(s\) not yet scored", log)
+        assert re.search(r"fetches go on after [\d.]+ s waiting for the learner topics: it is down", log), log[-2000:]

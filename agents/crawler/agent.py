@@ -11,6 +11,13 @@
         -> frontier state 'fetched' -> extract.page to the extractor
         -> extract.stored (the document is in the store) -> outlinks into the frontier, page done
 
+Pacing by the learner. The topic model's doc.scored events say how many stored documents still wait to be scored
+(`backlog`). While that figure, plus the documents stored since the event, is above `max_unscored`, no new fetch
+starts (fetches under way and hand-offs go on): on a CPU host, where the extractor outruns the topic model, the
+crawl then runs at the learner's pace and the curiosity agent steers on signals a batch or two old, not minutes.
+It never stalls the crawl on a learner that is gone: before the first doc.scored, while the twin reports the
+learner dead or stopped, or when it has been silent for LEARNER_SILENT_S, fetches go on.
+
 A page is marked done only when the extractor has acknowledged it. Pages still 'fetched' when
 the coordinator stops are read back from the raw store and delivered again when it starts; the
 extractor's upsert makes a repeat harmless, so every fetched page ends in the store exactly once.
@@ -31,6 +38,7 @@ from pydantic import Field
 
 from agents.contracts import (
     CrawlDiscovered,
+    DocScored,
     CrawlStatus,
     CrawlStatusRequest,
     Enqueue,
@@ -60,6 +68,7 @@ FRAME_OVERHEAD = 64 << 10
 STORE_RETRY_S = 2.0
 PRIORITIZE_SLICE_S = 0.05   # the most one slice of a crawl.prioritize keeps the loop; the next slice waits a turn
 PRIORITIZE_CHUNK = 32       # URLs per frontier call within a slice
+LEARNER_SILENT_S = 60.0     # a learner holding the crawl back that sends no doc.scored for this long no longer does
 
 
 class CrawlSettings(AgentSettings):
@@ -84,6 +93,12 @@ class CrawlSettings(AgentSettings):
     handoff_timeout_s: float = Field(60.0, gt=0, description="wait for an acknowledgement before delivering again")
     robots_retry_s: float = Field(30.0, gt=0, description="wait before asking again for an unreachable robots.txt")
     max_crawl_delay_s: float = Field(30.0, ge=0, description="ceiling on a site's Crawl-delay")
+    learner: AgentRef("topic_model", auto=True) | None = Field(
+        "auto", description="the topic model whose backlog paces the crawl (auto: the mesh's topic_model agent, if "
+        "any; null: none)")
+    max_unscored: int = Field(128, ge=0, le=10_000_000, description="no new fetch starts while the learner has more "
+                              "than this many stored documents not yet scored (0: never wait); 128 is two of the "
+                              "topic model's batches: it always has the next one waiting")
     host_buffer: int = Field(4, ge=1, le=1024, description="URLs taken from the frontier ahead of time per host (at "
                              "least 2 x per_host_concurrency), in priority order; the rest stay in the frontier, where "
                              "new priorities still reorder them")
@@ -157,6 +172,14 @@ class CrawlCoordinator(Agent):
         self._local = threading.local()
         self._zstd = zstandard.ZstdCompressor(level=3)
         self._running = False
+        # pacing by the learner (see the module docstring)
+        learner = s.learner if s.learner != "auto" else config.agent_of_kind("topic_model")
+        self.learner: str | None = learner if s.max_unscored else None
+        self.unscored: int | None = None      # the learner's backlog in its last doc.scored + documents stored since
+        self.learner_heard = 0.0              # monotonic: the last doc.scored
+        self.learner_down = False             # the twin reports it dead or stopped
+        self.waiting_since: float | None = None   # monotonic: since when new fetches wait for the learner
+        self.waited_s = 0.0                   # in all, since start
         # crawl.prioritize frames being applied, oldest first: what is left of each, its result so far, its reply
         self._prioritizing: collections.deque[tuple[Iterator[tuple[str, float]], PrioritizeResult, Deferred]] = \
             collections.deque()
@@ -166,6 +189,8 @@ class CrawlCoordinator(Agent):
     def setup(self) -> None:
         if self.uses_twin:   # the twin says when the extractor dies or restarts: the pages it held are lost then
             self.subscribe(self.config.twin, StateChanged.type_name, self._on_agent_state, StateChanged)
+        if self.learner is not None:
+            self.subscribe(self.learner, DocScored.type_name, self._on_scored, DocScored)
 
     def on_ready(self) -> None:
         s = self.settings
@@ -234,6 +259,9 @@ class CrawlCoordinator(Agent):
         s = self.settings
         self._pump_handoff()
         now = time.monotonic()
+        if self._learner_holds(now):
+            self._wake_at(self.learner_heard + LEARNER_SILENT_S)
+            return
         backlog = len(self.handoff) + len(self.handoff_sent)
         cap = max(s.host_buffer, 2 * s.per_host_concurrency)
         room = min(max(4 * s.concurrency, 64) - self.buffered, cap * (len(self.hosts) + 1),
@@ -296,6 +324,33 @@ class CrawlCoordinator(Agent):
                 wake = min(wake, now + max(0.0, due - time.time()) + 0.01)
         if wake < float("inf"):
             self._wake_at(wake)
+
+    # --- pacing by the learner ----------------------------------------------------------------
+
+    def _learner_holds(self, now: float) -> bool:
+        """Whether new fetches wait for the learner now; logs when that starts and ends."""
+        hold = (self.unscored is not None and self.unscored > self.settings.max_unscored and not self.learner_down
+                and now - self.learner_heard < LEARNER_SILENT_S)
+        if hold and self.waiting_since is None:
+            self.waiting_since = now
+            self.log.info("new fetches wait for the learner %s: %d stored document(s) not yet scored (max_unscored "
+                          "%d)", self.learner, self.unscored, self.settings.max_unscored)
+        elif not hold and self.waiting_since is not None:
+            waited, self.waiting_since = now - self.waiting_since, None
+            self.waited_s += waited
+            why = ("it is " + ("down" if self.learner_down else f"silent for {LEARNER_SILENT_S:g} s")
+                   if self.unscored is not None and self.unscored > self.settings.max_unscored else
+                   f"{self.unscored} document(s) left to score")
+            self.log.info("fetches go on after %.1f s waiting for the learner %s: %s", waited, self.learner, why)
+        return hold
+
+    def _on_scored(self, event: DocScored, env: Envelope) -> None:
+        if event.backlog is None:   # a topic model older than the field: nothing to pace by
+            return
+        self.unscored = event.backlog
+        self.learner_heard = time.monotonic()
+        if self.waiting_since is not None and self._running:
+            self._pump()
 
     # --- robots.txt -------------------------------------------------------------------------
 
@@ -512,6 +567,8 @@ class CrawlCoordinator(Agent):
             self._wake_at(self.handoff_paused_until)
             return
         self.documents += 1
+        if self.unscored is not None and reply.state == "extracted":
+            self.unscored += 1    # one more for the learner, until its next doc.scored says how many are left
         self._pump()
 
     def _on_agent_state(self, event: StateChanged, env: Envelope) -> None:
@@ -519,10 +576,15 @@ class CrawlCoordinator(Agent):
         registered before that was seen (ready -> starting): the pages the old process held went with it. They are
         delivered again now, not after handoff_timeout_s; a reply the old process still sends is ignored, and storing
         a page twice is harmless. (Unreachable is not gone: a partitioned extractor may still answer.)"""
-        if event.agent != self.settings.extractor or self.frontier is None:
-            return
         state, previous = AgentState(event.state), AgentState(event.previous)
         gone = (AgentState.DEAD, AgentState.STOPPED)
+        if event.agent == self.learner:
+            self.learner_down = state in gone
+            if self._running:
+                self._pump()
+            return
+        if event.agent != self.settings.extractor or self.frontier is None:
+            return
         if state in gone or (state == AgentState.STARTING and previous not in (*gone, AgentState.DECLARED)):
             n = self.peer(self.settings.extractor).fail_pending(
                 MeshError("peer_lost", f"the extractor is {state} ({event.reason or 'reported by the twin'})"))
@@ -560,12 +622,20 @@ class CrawlCoordinator(Agent):
         except FrontierUnavailable as exc:
             self.reactor.call_later(0, lambda e=exc: self.degraded("frontier", e))
             return {"fetched": self.pages, "documents": self.documents, "in_flight": len(self.in_flight),
-                    "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts)}
+                    "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts), **self._pacing()}
         if self.state == AgentState.DEGRADED:
             self.reactor.call_later(0, lambda: self.recovered("frontier"))
         return {"frontier_queued": st["queued"], "frontier_seen": st["seen"], "fetched": self.pages,
                 "failed": st["failed"], "documents": self.documents, "in_flight": len(self.in_flight),
-                "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts)}
+                "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts), **self._pacing()}
+
+    def _pacing(self) -> dict[str, float]:
+        """Gauges of the pacing by the learner (none without a learner)."""
+        if self.learner is None:
+            return {}
+        waiting = self.waiting_since is not None
+        return {"learner_unscored": float(self.unscored or 0), "waiting_for_learner": float(waiting),
+                "learner_wait_s": round(self.waited_s + (time.monotonic() - self.waiting_since if waiting else 0.0), 1)}
 
     @handles(CrawlStatusRequest)
     def on_status(self, msg: CrawlStatusRequest, env: Envelope) -> CrawlStatus:
@@ -578,7 +648,9 @@ class CrawlCoordinator(Agent):
         return CrawlStatus(queued=st["queued"], leased=st["leased"], fetched=st["fetched"], done=st["done"],
                            failed=st["failed"], seen=st["seen"], pages=self.pages, in_flight=len(self.in_flight),
                            handoff_in_flight=len(self.handoff_sent), documents=self.documents, budget_left=budget_left,
-                           idle=bool(idle), hosts=len(self.hosts))
+                           idle=bool(idle), hosts=len(self.hosts), learner=self.learner, learner_unscored=self.unscored,
+                           waiting_for_learner=self.waiting_since is not None,
+                           learner_wait_s=self._pacing().get("learner_wait_s", 0.0))
 
     @handles(Enqueue)
     def on_enqueue(self, msg: Enqueue, env: Envelope) -> EnqueueResult:

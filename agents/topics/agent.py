@@ -19,8 +19,8 @@ How far behind the store it is (issue 19: on a CPU host it can score slower than
 (documents stored and not scored yet), the age of the oldest of them and the scoring speed go out as heartbeat
 gauges (the dashboard's "scored N of M"), as Prometheus gauges, in `topics.listing` (meshctl topics) and on every
 doc.scored event (with the page's fetch time, so the curiosity agent knows how stale its signal is). The worker
-counts the backlog once per batch, on the queue's partial index (`DocStore.topic_backlog`); a heartbeat only reads
-what it counted.
+counts the backlog before and after each batch, on the queue's partial index (`DocStore.topic_backlog`, about a
+millisecond); a heartbeat only reads what it counted. Crawl coordinators pace new fetches by the figure on doc.scored.
 
 State survives restarts: the faiss index and the topic model are checkpointed under
 data/topics/ (every `checkpoint_every` documents, every `checkpoint_s` and on drain). At start the
@@ -455,8 +455,11 @@ class TopicModelAgent(Agent):
                     self.batches.append((started, time.monotonic(), len(docs)))
                     self.speed = scoring_speed(self.batches)
                     self.m_scored.inc(len(docs))
-                    # what still waits (less any stored meanwhile: the next pass, at once, counts again)
-                    left = max(0, waiting - len(docs))
+                    # what waits now, stored meanwhile included: the crawl paces itself by this figure
+                    try:
+                        left, oldest = store.topic_backlog()
+                    except StoreUnavailable:    # the next pass says so
+                        left = max(0, waiting - len(docs))
                     self._set_backlog(left, oldest)
                     for event in events:
                         event.backlog = left
