@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from network.messages import Message
 
+# the topic model's documents per scoring pass (its `batch_docs`), which is also how far a crawl paced by it lets
+# it fall behind by default (the crawler's `max_unscored`): one full batch always waiting for it
+TOPIC_BATCH_DOCS = 64
+
 
 class Link(BaseModel):
     url: str

@@ -8,7 +8,10 @@ this machine's cores, as `scripts/run` runs them. SQLite stores in a fresh data_
 
 1. Lag (`--pages`, default 500, depth 2, politeness 0: README's offline recipe). The document store is polled every
    0.2 s. fetch_s = the first page's fetch to the last page stored (extracted); score_lag_s = the last page scored
-   (its scored_at) minus the last page stored; lag_ratio = score_lag_s / fetch_s. Target <= 0.2.
+   (its scored_at) minus the last page stored; lag_ratio = score_lag_s / fetch_s. Target <= 0.2. The crawl is paced
+   by the learner (the coordinator's `max_unscored`, by default the topic model's batch_docs, 64: no new fetch while
+   more stored documents wait to be scored); the baseline, in the same run, is the same crawl unpaced (`max_unscored: 0`, the crawl before
+   pacing): unpaced_fetch_s, unpaced_lag_ratio. `waited_s`: how long new fetches waited for the learner.
 2. Live curiosity (`--budget`, default a fifth of the site's pages; the crawl's default politeness, 1 s, a polite
    crawl as the owner runs it). The same mesh crawls from index.html with that budget twice: once with the curiosity
    agent steering the frontier (crawl.prioritize) and once without it (the coordinator's own breadth-first order).
@@ -19,11 +22,12 @@ this machine's cores, as `scripts/run` runs them. SQLite stores in a fresh data_
    makes them.
 
 Last line: RESULT fetch_s=<...> score_lag_s=<...> lag_ratio=<...> e2e_topics_vs_bfs=<...> pages=<stored> scored=<...>
-           bfs_topics=<mean> curious_topics=<mean> budget=<N>
+           bfs_topics=<mean> curious_topics=<mean> budget=<N> waited_s=<...> unpaced_fetch_s=<...>
+           unpaced_lag_ratio=<...>
 Exit 2 when python3-doc is missing (apt-get install -y python3-doc).
 
 Usage: .venv/bin/python bench/pipeline.py [--pages 500] [--budget N] [--politeness 1.0] [--repeats 1] [--clusters 50]
-                                          [--skip-lag] [--skip-e2e] [--keep DIR]
+                                          [--skip-lag] [--skip-unpaced] [--skip-e2e] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -60,19 +64,21 @@ class Run:
     fetch_s: float = float("nan")
     score_lag_s: float = float("nan")
     topics: int = 0
+    waited_s: float = float("nan")   # the coordinator's learner_wait_s at the end
     urls: list[str] = field(default_factory=list)     # stored non-duplicate documents, by fetch time
     alerts: list[str] = field(default_factory=list)   # warnings and errors from the agents' logs
     problems: list[str] = field(default_factory=list)
 
 
 def build_config(start: str, data: Path, *, pages: int, depth: int, politeness: float,
-                 curiosity: bool) -> dict:
+                 curiosity: bool, paced: bool = True) -> dict:
     agents = {
         "twin": {"kind": "digital_twin"},
         "extractor": {"kind": "extractor", "depends_on": ["twin"], "settings": {"workers": 2}},
         "crawler": {"kind": "crawl_coordinator", "depends_on": ["extractor"],
                     "settings": {"seeds": [start], "max_depth": depth, "max_pages": pages,
-                                 "politeness_s": politeness, "per_host_concurrency": 2}},
+                                 "politeness_s": politeness, "per_host_concurrency": 2,
+                                 **({} if paced else {"max_unscored": 0})}},
         "topics": {"kind": "topic_model", "depends_on": ["twin"]},
     }
     learn = ["topics"]
@@ -106,7 +112,7 @@ def _counts(db: Path) -> tuple[int, int, float | None, float | None]:
 
 
 def run_mesh(label: str, server: StaticServer, work: Path, *, pages: int, depth: int,
-             politeness: float, curiosity: bool, timeout: float) -> Run:
+             politeness: float, curiosity: bool, timeout: float, paced: bool = True) -> Run:
     """One crawl to its end (the coordinator idle) and until every stored document is scored."""
     from agents.contracts import CrawlStatusRequest
     from mesh.config import load_config
@@ -117,7 +123,7 @@ def run_mesh(label: str, server: StaticServer, work: Path, *, pages: int, depth:
     tmp = work / label
     tmp.mkdir(parents=True)
     path = write_config(build_config(server.url(), tmp / "data", pages=pages, depth=depth,
-                                     politeness=politeness, curiosity=curiosity), tmp / "mesh.yaml")
+                                     politeness=politeness, curiosity=curiosity, paced=paced), tmp / "mesh.yaml")
     cfg = load_config(path)
     db = tmp / "data" / "documents.db"
     up = MeshUp(path, out=tmp / "meshctl-up.out")
@@ -144,6 +150,10 @@ def run_mesh(label: str, server: StaticServer, work: Path, *, pages: int, depth:
                         pass
                 if idle and n == stored and scored >= n > 0:
                     run.stored, run.scored = n, scored
+                    try:
+                        run.waited_s = c.request(CrawlStatusRequest()).learner_wait_s
+                    except MeshError:
+                        pass
                     run.fetch_s = last_stored_at - first_fetch
                     run.score_lag_s = max(0.0, (last_scored or last_stored_at) - last_stored_at)
                     break
@@ -199,6 +209,7 @@ def main() -> int:
     ap.add_argument("--clusters", type=int, default=50)
     ap.add_argument("--timeout", type=float, default=1200.0)
     ap.add_argument("--skip-lag", action="store_true")
+    ap.add_argument("--skip-unpaced", action="store_true", help="no baseline crawl without pacing by the learner")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--keep", type=Path, help="keep the runs' data dirs here")
     args = ap.parse_args()
@@ -209,20 +220,26 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-")) if args.keep is None else args.keep
     work.mkdir(parents=True, exist_ok=True)
     server = StaticServer(PYDOC, work / "http.log")
-    lag = Run("lag")
+    lag, unpaced = Run("lag"), Run("unpaced")
     e2e = float("nan")
     bfs_mean = curious_mean = float("nan")
     budget = args.budget
     try:
         print(f"int8 model ready in {export_model():.1f}s (untimed)", flush=True)
         if not args.skip_lag:
-            lag = run_mesh("lag", server, work, pages=args.pages, depth=args.depth, politeness=0.0,
-                           curiosity=True, timeout=args.timeout)
-            print(f"lag run: {lag.stored} stored in {lag.fetch_s:.1f}s, last scored {lag.score_lag_s:.1f}s after the "
-                  f"last stored ({lag.scored} scored){'; ' + '; '.join(lag.problems) if lag.problems else ''}",
-                  flush=True)
-            for line in lag.alerts:
-                print(f"  agents' log: {line}", flush=True)
+            runs = [("lag", True)] + ([] if args.skip_unpaced else [("unpaced", False)])
+            for label, paced in runs:
+                run = run_mesh(label, server, work, pages=args.pages, depth=args.depth, politeness=0.0,
+                               curiosity=True, timeout=args.timeout, paced=paced)
+                print(f"{label} run: {run.stored} stored in {run.fetch_s:.1f}s, last scored {run.score_lag_s:.1f}s "
+                      f"after the last stored ({run.scored} scored; new fetches waited {run.waited_s:.1f}s for the "
+                      f"learner){'; ' + '; '.join(run.problems) if run.problems else ''}", flush=True)
+                for line in run.alerts:
+                    print(f"  agents' log: {line}", flush=True)
+                if paced:
+                    lag = run
+                else:
+                    unpaced = run
         if not args.skip_e2e:
             by_path, site_pages = reference_topics(args.clusters)
             budget = budget or round(site_pages / 5)
@@ -243,9 +260,11 @@ def main() -> int:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     ratio = lag.score_lag_s / lag.fetch_s if lag.fetch_s > 0 else float("nan")
+    unpaced_ratio = unpaced.score_lag_s / unpaced.fetch_s if unpaced.fetch_s > 0 else float("nan")
     print(f"RESULT fetch_s={lag.fetch_s:.1f} score_lag_s={lag.score_lag_s:.1f} lag_ratio={ratio:.2f} "
           f"e2e_topics_vs_bfs={e2e:.2f} pages={lag.stored} scored={lag.scored} bfs_topics={bfs_mean:.1f} "
-          f"curious_topics={curious_mean:.1f} budget={budget}")
+          f"curious_topics={curious_mean:.1f} budget={budget} waited_s={lag.waited_s:.1f} "
+          f"unpaced_fetch_s={unpaced.fetch_s:.1f} unpaced_lag_ratio={unpaced_ratio:.2f}")
     return 0
 
 

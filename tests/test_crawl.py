@@ -367,7 +367,7 @@ def test_new_priorities_reorder_a_polite_crawl(write_config, run_agents):
 
 def test_the_crawl_waits_for_a_learner_that_falls_behind_and_not_for_one_that_is_gone(write_config, mesh_up):
     """Pacing by the learner: with the topic model stopped (SIGSTOP) the crawl starts no new fetch once more than
-    max_unscored stored documents wait for it; when the twin declares it dead the crawl goes on without it; back
+    max_unscored (by default the topic model's batch_docs) stored documents wait for it; when the twin declares it dead the crawl goes on without it; back
     (SIGCONT), it catches up, and every page ends stored once and scored."""
     with Site(pages=30, slow_s=0.1) as site:
         path, cfg = write_config(mesh_dict({
@@ -376,7 +376,7 @@ def test_the_crawl_waits_for_a_learner_that_falls_behind_and_not_for_one_that_is
                        "settings": {"poll_s": 0.1, "batch_docs": 4, "max_chunks": 2}},
             "crawler": {"kind": "crawl_coordinator", "depends_on": ["extractor", "topics"],   # learning from page 1
                         "settings": {"seeds": [site.url("/")], **FAST, "max_depth": 3, "politeness_s": 0.02,
-                                     "concurrency": 2, "handoff_window": 2, "max_unscored": 3}},
+                                     "concurrency": 2, "handoff_window": 2}},   # max_unscored: batch_docs
         }, heartbeat_interval_s=0.5, dead_after_missed=12))   # the twin: dead after 6 s of silence
         mesh_up(path)
         with client(cfg, "crawler", timeout=1.0) as cr, client(cfg, "topics", timeout=1.0) as tm:
@@ -388,7 +388,7 @@ def test_the_crawl_waits_for_a_learner_that_falls_behind_and_not_for_one_that_is
             try:
                 held = wait_for(lambda: (st := cr.request(CrawlStatusRequest())).waiting_for_learner and st,
                                 timeout=20, interval=0.05, what="new fetches to wait for the stopped learner")
-                assert held.learner_unscored > 3 and not held.idle
+                assert held.learner_unscored > 4 and not held.idle
                 time.sleep(1.5)            # what was under way when it began to wait is stored; nothing new starts
                 still = cr.request(CrawlStatusRequest())
                 assert still.waiting_for_learner and still.in_flight == 0
@@ -410,5 +410,6 @@ def test_the_crawl_waits_for_a_learner_that_falls_behind_and_not_for_one_that_is
         finally:
             store.close()
         log = (cfg.mesh.data_dir / "logs" / "crawler.log").read_text()
-        assert re.search(r"new fetches wait for the learner topics: \d+ stored document\(s\) not yet scored", log)
+        assert re.search(r"new fetches wait for the learner topics: \d+ stored document\(s\) not yet scored "
+                         r"\(max_unscored 4\)", log), log[-2000:]
         assert re.search(r"fetches go on after [\d.]+ s waiting for the learner topics: it is down", log), log[-2000:]

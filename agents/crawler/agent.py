@@ -38,6 +38,7 @@ from pydantic import Field
 
 from agents.contracts import (
     CrawlDiscovered,
+    TOPIC_BATCH_DOCS,
     DocScored,
     CrawlStatus,
     CrawlStatusRequest,
@@ -96,9 +97,9 @@ class CrawlSettings(AgentSettings):
     learner: AgentRef("topic_model", auto=True) | None = Field(
         "auto", description="the topic model whose backlog paces the crawl (auto: the mesh's topic_model agent, if "
         "any; null: none)")
-    max_unscored: int = Field(128, ge=0, le=10_000_000, description="no new fetch starts while the learner has more "
-                              "than this many stored documents not yet scored (0: never wait); 128 is two of the "
-                              "topic model's batches: it always has the next one waiting")
+    max_unscored: int | None = Field(None, ge=0, le=10_000_000, description="no new fetch starts while the learner "
+                                     "has more than this many stored documents not yet scored (0: never wait; null: "
+                                     "the learner's batch_docs, so one full batch always waits for it)")
     host_buffer: int = Field(4, ge=1, le=1024, description="URLs taken from the frontier ahead of time per host (at "
                              "least 2 x per_host_concurrency), in priority order; the rest stay in the frontier, where "
                              "new priorities still reorder them")
@@ -110,6 +111,12 @@ def _parse_robots(r: FetchResult) -> Protego | None:
     if r.status is None or not 200 <= r.status < 300:
         return None
     return Protego.parse((r.body or b"").decode("utf-8", errors="replace"))
+
+
+def _batch_docs(config: MeshConfig, agent: str) -> int:
+    """The topic model `agent`'s documents per scoring pass, as its settings say (a bad value is its own problem)."""
+    value = (config.agents[agent].settings or {}).get("batch_docs", TOPIC_BATCH_DOCS)
+    return value if isinstance(value, int) and value > 0 else TOPIC_BATCH_DOCS
 
 
 def _insert_by_priority(queue: collections.deque, entry: Entry) -> None:
@@ -174,7 +181,9 @@ class CrawlCoordinator(Agent):
         self._running = False
         # pacing by the learner (see the module docstring)
         learner = s.learner if s.learner != "auto" else config.agent_of_kind("topic_model")
-        self.learner: str | None = learner if s.max_unscored else None
+        self.max_unscored: int = s.max_unscored if s.max_unscored is not None else (
+            _batch_docs(config, learner) if learner else 0)
+        self.learner: str | None = learner if self.max_unscored else None
         self.unscored: int | None = None      # the learner's backlog in its last doc.scored + documents stored since
         self.learner_heard = 0.0              # monotonic: the last doc.scored
         self.learner_down = False             # the twin reports it dead or stopped
@@ -329,17 +338,17 @@ class CrawlCoordinator(Agent):
 
     def _learner_holds(self, now: float) -> bool:
         """Whether new fetches wait for the learner now; logs when that starts and ends."""
-        hold = (self.unscored is not None and self.unscored > self.settings.max_unscored and not self.learner_down
+        hold = (self.unscored is not None and self.unscored > self.max_unscored and not self.learner_down
                 and now - self.learner_heard < LEARNER_SILENT_S)
         if hold and self.waiting_since is None:
             self.waiting_since = now
             self.log.info("new fetches wait for the learner %s: %d stored document(s) not yet scored (max_unscored "
-                          "%d)", self.learner, self.unscored, self.settings.max_unscored)
+                          "%d)", self.learner, self.unscored, self.max_unscored)
         elif not hold and self.waiting_since is not None:
             waited, self.waiting_since = now - self.waiting_since, None
             self.waited_s += waited
             why = ("it is " + ("down" if self.learner_down else f"silent for {LEARNER_SILENT_S:g} s")
-                   if self.unscored is not None and self.unscored > self.settings.max_unscored else
+                   if self.unscored is not None and self.unscored > self.max_unscored else
                    f"{self.unscored} document(s) left to score")
             self.log.info("fetches go on after %.1f s waiting for the learner %s: %s", waited, self.learner, why)
         return hold

@@ -44,7 +44,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 from pydantic import Field, ValidationInfo, model_validator
 
-from agents.contracts import DocScored, DocStored, Generate, Generated, TopicsReply, TopicsRequest, TopicSummary
+from agents.contracts import TOPIC_BATCH_DOCS, DocScored, DocStored, Generate, Generated, TopicsReply, TopicsRequest, TopicSummary
 from agents.embedding import Embedder, EmbedderError, Profile, resolve_profile
 from agents.gpu import EstimateError, VramClient, estimate_sentence_transformer
 from agents.onnxmodel import default_cache_dir
@@ -65,7 +65,7 @@ class TopicSettings(AgentSettings):
                                    "(default: the profile's: 16, 4 on small)")
     threads: int | None = Field(None, ge=1, le=1024, description="onnxruntime threads of the cpu and small profiles "
                                 "(default: the CPUs this process may use)")
-    batch_docs: int = Field(64, ge=1, le=10_000, description="documents taken from the store per pass")
+    batch_docs: int = Field(TOPIC_BATCH_DOCS, ge=1, le=10_000, description="documents taken from the store per pass")
     duplicate_threshold: float = Field(0.85, gt=0, le=1, description="cosine similarity of a near-duplicate")
     hnsw_above: int = Field(20_000, ge=1, description="the faiss index turns from flat to HNSW past this size")
     max_topics: int = Field(64, ge=1, le=10_000)

@@ -26,11 +26,16 @@ def crawl_status(config: str = ConfigOpt, agent: Optional[str] = CoordinatorOpt,
     if asked is None:
         return
     name, st = asked
-    state = "[green]idle[/]" if st.idle else "[cyan]crawling[/]"
+    state = ("[green]idle[/]" if st.idle else
+             "[yellow]waiting for the learner[/]" if st.waiting_for_learner else "[cyan]crawling[/]")
     console.print(f"crawl {name}: {state}; {st.pages} page(s) fetched, {st.documents} stored this run, "
                   f"budget left {st.budget_left}\n  frontier: {st.queued} queued, {st.leased} leased, "
                   f"{st.fetched} waiting for the extractor, {st.done} done, {st.failed} failed ({st.seen} seen, "
                   f"{st.hosts} host(s)); {st.in_flight} fetch(es) and {st.handoff_in_flight} hand-off(s) under way")
+    if st.learner:
+        unscored = "not heard from yet" if st.learner_unscored is None else f"{st.learner_unscored} unscored"
+        console.print(f"  paced by the learner {st.learner} ({unscored}); new fetches waited {st.learner_wait_s:.0f} s "
+                      f"for it")
 
 
 @crawl_app.command("add")
