@@ -270,6 +270,9 @@ class OnnxEncoder:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between operators: on a CPU host the crawl and the extraction share these cores, and
+        # spinning threads take cycles from them (and lose their own turn to the agent's other threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:   # onnxruntime raises its own Fail/InvalidGraph types
