@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVTIMEO = int(zmq.RCVTIMEO)
+_SNDTIMEO = int(zmq.SNDTIMEO)
 
 
 _send = SocketBase.send   # pyzmq's own send, under the Python wrapper that only adds routing_id and group
@@ -353,14 +354,17 @@ class RpcClient:
             # A blocking recv under ZMQ_RCVTIMEO, not poll() then recv(): one wait instead of a poll, an
             # EVENTS check and a wait, and no Python poller round (several us of a round trip).
             sock = self.socket
-            _send(sock, frame, 0)
             ms = int(timeout * 1000)   # as Poller.poll: a float rounds down, a negative one waits for ever
             if ms < 0:
                 ms = -1
             if ms != self._rcvtimeo:
                 sock.setsockopt(_RCVTIMEO, ms)
+                # the send waits too while no connection is up (a CURVE handshake that keeps failing on a wrong
+                # key): under the same limit, so a request never blocks its caller (and Ctrl-C) for ever
+                sock.setsockopt(_SNDTIMEO, ms)
                 self._rcvtimeo = ms
             try:
+                _send(sock, frame, 0)
                 frames = _recv_frames(sock)
             except zmq.Again:
                 frames = None
