@@ -176,6 +176,7 @@ def test_page_budget_and_requests(site, write_config, run_agents):
     assert "not added mailto:x@y: not an http(s) URL" in " ".join(r.stdout.split())
 
 
+@pytest.mark.slow   # kills or stops agents mid-run: a chaos test, 10-20 s on 2 cores
 @pytest.mark.parametrize("victim", ["extractor", "crawler"])
 def test_agent_killed_mid_crawl_every_page_stored_once(victim, tmp_path, write_config, mesh_up):
     """SIGKILL the extractor (or the coordinator) while pages are in flight; the supervisor restarts
@@ -214,6 +215,7 @@ def test_agent_killed_mid_crawl_every_page_stored_once(victim, tmp_path, write_c
             assert re.search(r"\b[1-9]\d* requeued after a stop|\b[1-9]\d* page\(s\) to hand off again", log), log[-2000:]
 
 
+@pytest.mark.slow   # kills or stops agents mid-run: a chaos test, 10-20 s on 2 cores
 def test_a_killed_extractor_is_sent_its_pages_again_at_once_and_leaves_no_workers(tmp_path, write_config, mesh_up):
     """SIGKILL the extractor with pages in its hands and a 300 s hand-off timeout: the twin reports it dead or
     restarted and the coordinator delivers those pages again at once, so the crawl ends long before the timeout
@@ -365,10 +367,11 @@ def test_new_priorities_reorder_a_polite_crawl(write_config, run_agents):
     assert all(rest.index("/a/10.html") < rest.index(f"/a/{i}.html") for i in range(2, 10) if f"/a/{i}.html" in rest)
 
 
+@pytest.mark.slow   # kills or stops agents mid-run: a chaos test, 10-20 s on 2 cores
 def test_the_crawl_waits_for_a_learner_that_falls_behind_and_not_for_one_that_is_gone(write_config, mesh_up):
     """Pacing by the learner: with the topic model stopped (SIGSTOP) the crawl starts no new fetch once more than
-    max_unscored (by default the topic model's batch_docs) stored documents wait for it; when the twin declares it dead the crawl goes on without it; back
-    (SIGCONT), it catches up, and every page ends stored once and scored."""
+    max_unscored (by default the topic model's batch_docs) stored documents wait for it; when the twin declares it
+    dead the crawl goes on without it; back (SIGCONT), it catches up, and every page ends stored once and scored."""
     with Site(pages=30, slow_s=0.1) as site:
         path, cfg = write_config(mesh_dict({
             "extractor": {"kind": "extractor", "depends_on": ["twin"], "settings": {"workers": 1}},
