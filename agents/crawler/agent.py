@@ -37,11 +37,11 @@ from protego import Protego
 from pydantic import Field
 
 from agents.contracts import (
-    CrawlDiscovered,
     TOPIC_BATCH_DOCS,
-    DocScored,
+    CrawlDiscovered,
     CrawlStatus,
     CrawlStatusRequest,
+    DocScored,
     Enqueue,
     EnqueueResult,
     ExtractPage,

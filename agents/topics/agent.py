@@ -44,7 +44,16 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 from pydantic import Field, ValidationInfo, model_validator
 
-from agents.contracts import TOPIC_BATCH_DOCS, DocScored, DocStored, Generate, Generated, TopicsReply, TopicsRequest, TopicSummary
+from agents.contracts import (
+    TOPIC_BATCH_DOCS,
+    DocScored,
+    DocStored,
+    Generate,
+    Generated,
+    TopicsReply,
+    TopicsRequest,
+    TopicSummary,
+)
 from agents.embedding import Embedder, EmbedderError, Profile, resolve_profile
 from agents.gpu import EstimateError, VramClient, estimate_sentence_transformer
 from agents.onnxmodel import default_cache_dir
