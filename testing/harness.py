@@ -24,8 +24,9 @@ from mesh.runtime import resolve
 from testing.procs import session_members
 
 ROOT = Path(__file__).resolve().parent.parent
-# below the usual ephemeral range (32768-60999), so outgoing connections do not take the ports handed out
-_PORTS = (10000, 32000)
+# below the usual ephemeral range (32768-60999), so outgoing connections do not take the ports handed out; above
+# 10080, the last port Chromium refuses to open (net::ERR_UNSAFE_PORT), so a dashboard test's page always loads
+_PORTS = (10100, 32000)
 _cursor = [random.randrange(*_PORTS, 10)]
 
 
