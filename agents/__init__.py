@@ -13,7 +13,7 @@ Kinds (each package has its agent module, with its settings and handlers, beside
 Shared by several kinds, the only way kinds reach each other (import-linter checks it):
     contracts.py   the messages that cross kinds: crawl -> extract -> store -> score, GPU leases, models
     embedding.py   chunked, pooled sentence embeddings (topics and curiosity); hardware profiles (gpu, cpu, small)
-    onnxmodel.py   the embedding model as int8 ONNX for the cpu profiles: exported offline at first use, cached
+    int8model.py   the embedding model in int8 (OpenVINO) for the cpu profiles: quantised offline at first use, cached
     gpu.py         the device resolver, memory estimates, and a holder's VRAM lease client
     urls.py        URL normalisation (crawler and extractor)
 """

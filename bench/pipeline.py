@@ -3,7 +3,8 @@
 The site is Debian's python3-doc (/usr/share/doc/python3/html), served by `python -m http.server` on loopback
 (bench/crawl.py's StaticServer). Every run is `meshctl up` on a generated config shaped like config/local.yaml: the
 twin, the crawl coordinator, the extractor (2 worker processes), the topic model on the `cpu` hardware profile (int8
-ONNX; the export is made before the runs, untimed, into this machine's model cache, which the agents then use) and the curiosity agent, all on
+OpenVINO; the int8 model is made before the runs, untimed, into this machine's model cache, which the agents then
+use) and the curiosity agent, all on
 this machine's cores, as `scripts/run` runs them. SQLite stores in a fresh data_dir per run.
 
 1. Lag (`--pages`, default 500, depth 2, politeness 0: README's offline recipe). The document store is polled every
@@ -190,7 +191,7 @@ def topics_reached(run: Run, by_path: dict[str, int]) -> int:
 def export_model() -> float:
     """The cpu profile's int8 export in this machine's model cache, made now if it is not there (seconds)."""
     from agents.embedding import Embedder, resolve_profile
-    from agents.onnxmodel import default_cache_dir
+    from agents.int8model import default_cache_dir
 
     p = resolve_profile("cpu")
     t0 = time.perf_counter()

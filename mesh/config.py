@@ -82,7 +82,7 @@ class Host(_Model):
     address: str = Field(..., description="Address peers use to reach this host")
     bind: str | None = Field(None, description="Address to bind on (default: the address); 0.0.0.0 inside containers")
     profile: Literal["auto", "gpu", "cpu", "small"] = Field(
-        "auto", description="Hardware profile of the models run here: gpu (torch on CUDA), cpu (int8 ONNX), small "
+        "auto", description="Hardware profile of the models run here: gpu (torch on CUDA), cpu (int8 OpenVINO), small "
         "(cpu, fewer chunks per document); auto: gpu where CUDA is available, else cpu")
 
     @property

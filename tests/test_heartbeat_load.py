@@ -77,7 +77,7 @@ def test_no_agent_is_taken_for_dead_under_a_full_crawl_and_a_hung_one_is(pydoc_s
     miss: one beat late is load, two are a blocked loop); and checks the other half of the promise, that a hung agent
     (the coordinator stopped by SIGSTOP mid-crawl) is declared dead within three intervals and a little, and is ready
     again once it runs."""
-    need_modules("torch", "onnxruntime", "faiss", "sentence_transformers")   # the topic model, the curiosity agent
+    need_modules("torch", "openvino", "faiss", "sentence_transformers")   # the topic model, the curiosity agent
     path, cfg = write_config(mesh_dict({
         "extractor": {"kind": "extractor", "depends_on": ["twin"], "settings": {"workers": 2}},
         "crawler": {"kind": "crawl_coordinator", "depends_on": ["extractor"],

