@@ -13,10 +13,15 @@ Ports: every port the mesh binds on a host is reserved, per host, before any is 
 `endpoints:` and the ports an agent's kind declares besides its endpoints (its settings model's
 `extra_ports(mesh)`, see `mesh.runtime.AgentSettings`: the twin's dashboard). Two users of one port on
 one host are a problem naming both; endpoints left out get the next port from `base_port` that nobody uses.
+
+Pools: an agent with `replicas:` (a count, or a mapping host -> count) is expanded at load into agents NAME-1 ...
+NAME-N, each with its own ports, heartbeat and status line; `depends_on: [NAME]` is met when `min_ready` of them
+are ready, and a setting that names the pool (AgentRef) keeps its name (`replicas_of` gives the replicas).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import ipaddress
 import os
@@ -108,6 +113,31 @@ class AgentSpec(_Model):
     required: bool = Field(True, description="false: never blocks others' start-up; its failure degrades the mesh")
     endpoints: Endpoints = Field(default_factory=Endpoints)
     settings: dict[str, Any] = Field(default_factory=dict)
+    replicas: int | dict[str, int] | None = Field(None, description=(
+        "Run as a pool of this many agents NAME-1, NAME-2, ...: a count (all on the host of the group that lists "
+        "the pool) or a mapping host -> count (numbered in the mapping's order)"))
+    min_ready: int | None = Field(None, description="A pool's replicas that must be ready for depends_on on the pool "
+                                  "to be met (default 1)")
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _no_boolean_count(cls, v: Any) -> Any:
+        # `replicas: yes` would otherwise be read as 1
+        if isinstance(v, bool):
+            raise PydanticCustomError("replicas", "must be a count or a mapping host -> count, not a boolean",
+                                      {"fix": "write replicas: 2, or replicas: {mainpc: 1, pc2: 1}"})
+        return v
+
+
+class Pool(_Model):
+    """An agent declared with `replicas:`, as the config expanded it: its replicas are ordinary agents (their own
+    ports, heartbeats and status lines); depends_on on the pool is met when `min_ready` of them are ready."""
+
+    kind: str
+    replicas: list[str]                 # replica names, numbered in placement order: NAME-1, NAME-2, ...
+    placement: dict[str, int]           # host -> how many replicas run there, as declared
+    min_ready: int
+    required: bool
 
 
 class Security(_Model):
@@ -170,6 +200,8 @@ class MeshConfig(_Model):
     _group_of: dict[str, str] = PrivateAttr(default_factory=dict)
     _targets: dict[str, str | None] = PrivateAttr(default_factory=dict)   # agent -> its kind's module:Class
     _extra_ports: dict[str, dict[str, int]] = PrivateAttr(default_factory=dict)  # agent -> name -> port (no offset)
+    _pools: dict[str, Pool] = PrivateAttr(default_factory=dict)   # pool name -> its replicas (agents: declared)
+    _pool_of: dict[str, str] = PrivateAttr(default_factory=dict)  # replica -> its pool
 
     @property
     def source(self) -> str:
@@ -179,8 +211,13 @@ class MeshConfig(_Model):
     # --- derived views (computed once in finish()) ---
 
     def finish(self) -> MeshConfig:
-        """Assigns ports to agents that declared none and checks what a schema cannot. Imports the modules of the
-        kinds that may declare ports of their own (`extra_ports` of their settings: the twin, plug-ins)."""
+        """Expands pools into their replicas, assigns ports to agents that declared none and checks what a schema
+        cannot. Imports the modules of the kinds that may declare ports of their own (`extra_ports` of their
+        settings: the twin, plug-ins). A pool's problems are reported alone: the rest of the file is checked
+        against its replicas, which do not exist until the pool is right."""
+        problems = _expand_pools(self)
+        if problems:
+            raise ConfigError(self.source, problems)
         self._targets = {a: _target_or_none(spec.kind) for a, spec in self.agents.items()}
         self._group_of = {a: g for g, grp in self.groups.items() for a in grp.agents}   # settings may ask host_of
         problems = _check(self)
@@ -196,6 +233,37 @@ class MeshConfig(_Model):
             return next(iter(self.hosts))
         raise ConfigError(self.source, [("host", "this file declares several hosts but not which one it runs as",
                                          "add `host: NAME` or pass --host NAME")])
+
+    # --- pools ---
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        """Pool name -> the pool (its replicas, placement and min_ready), in declaration order."""
+        return self._pools
+
+    def pool_of(self, agent: str) -> str | None:
+        """The pool `agent` is a replica of, or None for an agent declared on its own."""
+        return self._pool_of.get(agent)
+
+    def replicas_of(self, name: str) -> list[str]:
+        """The agents behind a name that depends_on or a setting may use: a pool's replicas, or the agent itself."""
+        pool = self._pools.get(name)
+        return list(pool.replicas) if pool is not None else [name]
+
+    def min_ready_of(self, name: str) -> int:
+        """How many of `replicas_of(name)` must be ready for depends_on on `name` to be met: a pool's min_ready, 1
+        for an agent."""
+        pool = self._pools.get(name)
+        return pool.min_ready if pool is not None else 1
+
+    def is_required(self, name: str) -> bool:
+        """Whether depends_on on `name` (an agent or a pool) holds its dependents back until it is met."""
+        pool = self._pools.get(name)
+        return pool.required if pool is not None else self.agents[name].required
+
+    def dependency_agents(self, agent: str) -> list[str]:
+        """The agents `agent` depends on, each pool in its depends_on replaced by the pool's replicas."""
+        return [a for dep in self.agents[agent].depends_on for a in self.replicas_of(dep)]
 
     def group_of(self, agent: str) -> str:
         return self._group_of[agent]
@@ -302,8 +370,9 @@ class MeshConfig(_Model):
         return self.stores.raw_dir if self.stores.raw_dir.is_absolute() else self.mesh.data_dir / self.stores.raw_dir
 
     def start_order(self) -> list[list[str]]:
-        """Agents in dependency levels: each level depends only on earlier ones."""
-        return _levels(self.agents)
+        """Agents in dependency levels: each level depends only on earlier ones. An agent that depends on a pool
+        comes after every replica of it (the replicas start together; the twin's gate waits for min_ready)."""
+        return _levels(_graph(self))
 
 
 def is_loopback(address: str) -> bool:
@@ -329,6 +398,13 @@ def _agent_ref(kind: str | None, auto: bool):
         config = (info.context or {}).get("config")
         if config is None or value is None or (auto and value == "auto"):
             return value
+        if value in config.pools:   # a pool stands for its replicas: of its kind (the agent asks replicas_of)
+            first = config.pools[value].replicas[0]
+            if kind is not None and not config.is_kind(first, kind):
+                raise PydanticCustomError("agent_ref", "'{name}' is a pool of {actual} agents, not of {kind}", {
+                    "name": value, "actual": config.pools[value].kind, "kind": kind,
+                    "fix": f"name one of {config.agents_of_kind(kind)}"})
+            return value
         if value not in config.agents:
             of = config.agents_of_kind(kind) if kind else sorted(config.agents)
             raise PydanticCustomError("agent_ref", "no agent named '{name}'", {
@@ -344,12 +420,25 @@ def _agent_ref(kind: str | None, auto: bool):
 def AgentRef(kind: str | None = None, *, auto: bool = False) -> Any:
     """The type of a setting that names another agent of the mesh (of `kind`, when given), checked against the
     config when the agent's settings are validated (`MeshConfig.settings_of`). `auto`: the word "auto" is
-    allowed too (the agent then asks `agent_of_kind`)."""
+    allowed too (the agent then asks `agent_of_kind`). A pool's name is allowed where its kind is: the setting
+    keeps the pool's name, `Agent.subscribe` listens to every replica and `Agent.peer` asks the first one
+    (`MeshConfig.replicas_of` gives them all)."""
     return Annotated[str, _agent_ref(kind, auto)]
 
 
-def _levels(agents: dict[str, AgentSpec]) -> list[list[str]]:
-    remaining = {a: set(spec.depends_on) for a, spec in agents.items()}
+def _graph(cfg: MeshConfig) -> dict[str, list[str]]:
+    """agent -> the agents it depends on (pools expanded), leaving out itself and its own pool (_check reports
+    those) and names that are not declared."""
+    graph: dict[str, list[str]] = {}
+    for agent, spec in cfg.agents.items():
+        own = (agent, cfg.pool_of(agent))
+        graph[agent] = [d for dep in spec.depends_on if dep not in own
+                        for d in cfg.replicas_of(dep) if d in cfg.agents]
+    return graph
+
+
+def _levels(graph: dict[str, list[str]]) -> list[list[str]]:
+    remaining = {a: set(deps) for a, deps in graph.items()}
     done: set[str] = set()
     levels: list[list[str]] = []
     while remaining:
@@ -363,16 +452,14 @@ def _levels(agents: dict[str, AgentSpec]) -> list[list[str]]:
     return levels
 
 
-def _find_cycle(agents: dict[str, AgentSpec]) -> list[str] | None:
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     color: dict[str, int] = {}
     stack: list[str] = []
 
     def visit(a: str) -> list[str] | None:
         color[a] = 1
         stack.append(a)
-        for d in agents[a].depends_on:
-            if d not in agents:
-                continue
+        for d in graph[a]:
             if color.get(d) == 1:
                 return stack[stack.index(d):] + [d]
             if d not in color:
@@ -383,12 +470,152 @@ def _find_cycle(agents: dict[str, AgentSpec]) -> list[str] | None:
         color[a] = 2
         return None
 
-    for a in agents:
+    for a in graph:
         if a not in color:
             found = visit(a)
             if found:
                 return found
     return None
+
+
+def _expand_pools(cfg: MeshConfig) -> list[tuple[str, str, str]]:
+    """Replaces every agent declared with `replicas:` (a pool) by its replicas NAME-1..NAME-N, ordinary agents with
+    the pool's kind, settings, depends_on and required, and records the pool (`cfg.pools`). Numbering follows the
+    placement's order (a mapping's as written), so names are the same at every load and on every host.
+
+    Placement: a count puts every replica on the host of the one group that lists the pool; a mapping host ->
+    count puts that many on each host. A group that lists the pool gets the replicas placed on its host (in place
+    of the pool's name); a host given replicas where no group lists the pool gets a group of its own,
+    `<first group listing the pool>-<host>` (with that group's `gpu`). A pool's endpoints are assigned (each
+    replica its own), so `endpoints:` on a pool is an error. Returns the problems; the config is changed only when
+    there are none. Idempotent: a config already expanded has no `replicas:` left and keeps its pools."""
+    problems: list[tuple[str, str, str]] = []
+    for name, spec in cfg.agents.items():
+        if spec.replicas is None and spec.min_ready is not None:
+            problems.append((f"agents.{name}.min_ready", "min_ready is for a pool, and this agent has no replicas:",
+                             "remove min_ready, or add replicas: N to run it as a pool"))
+    declared = {name: spec for name, spec in cfg.agents.items() if spec.replicas is not None}
+    if not declared:
+        return problems
+    twin = _target_or_none(TWIN_KIND)
+    listed: dict[str, list[str]] = {name: [] for name in declared}   # pool -> the groups that list it
+    for gname, group in cfg.groups.items():
+        for agent in group.agents:
+            if agent in listed:
+                if gname in listed[agent]:
+                    problems.append((f"groups.{gname}.agents", f"pool {agent!r} is listed twice",
+                                     "list it once; its replicas on this group's host all run here"))
+                else:
+                    listed[agent].append(gname)
+    plans: dict[str, tuple[Pool, dict[str, str]]] = {}   # pool -> (pool, host -> group its replicas run in)
+    taken = set(cfg.agents)
+    for name, spec in declared.items():
+        path = f"agents.{name}"
+        bad = len(problems)
+        groups = listed[name]
+        hosts_listing = {cfg.groups[g].host for g in groups}
+        if twin is not None and _target_or_none(spec.kind) == twin:
+            problems.append((f"{path}.replicas", "the digital twin cannot be a pool", "remove replicas:; one twin "
+                             "gates the whole mesh"))
+        if not groups:
+            problems.append((path, f"pool {name!r} is in no group, so it has no host",
+                             "list it under the agents: of a group (a mapping replicas: {host: count} places "
+                             "replicas on other hosts too)"))
+        if isinstance(spec.replicas, int):
+            if len(groups) > 1:
+                problems.append((f"{path}.replicas", f"with a count, a pool runs in one group; {name!r} is listed in "
+                                 f"{', '.join(groups)}", "list it in one group, or give replicas: as a mapping "
+                                 "host -> count"))
+            placement = {cfg.groups[groups[0]].host: spec.replicas} if groups else {}
+            counts = [(f"{path}.replicas", spec.replicas)]
+        else:
+            placement = dict(spec.replicas)
+            counts = [(f"{path}.replicas.{host}", n) for host, n in placement.items()]
+            for host in placement:
+                if host not in cfg.hosts:
+                    problems.append((f"{path}.replicas.{host}", f"host {host!r} is not declared",
+                                     f"place replicas on declared hosts: {sorted(cfg.hosts)}"))
+        negative = [where for where, n in counts if n < 0]
+        for where, n in counts:
+            if n < 0:
+                problems.append((where, f"{n} replicas", "give a count of 0 or more"))
+        total = sum(n for n in placement.values() if n > 0)
+        if total == 0 and not negative and (groups or not isinstance(spec.replicas, int)):
+            problems.append((f"{path}.replicas", "a pool of 0 replicas", "give it 1 replica or more (to stop "
+                             "running it, remove it and what depends on it)"))
+        min_ready = 1 if spec.min_ready is None else spec.min_ready
+        if total > 0 and not 1 <= min_ready <= total:
+            problems.append((f"{path}.min_ready", f"min_ready {min_ready} of a pool of {total} replica(s)",
+                             f"give 1 to {total}: how many replicas must be ready for agents that depend on "
+                             f"{name!r} to start"))
+        given = [which for which in ENDPOINTS if getattr(spec.endpoints, which) is not None]
+        if given:
+            problems.append((f"{path}.endpoints", f"a pool's ports are assigned, each replica its own; "
+                             f"{', '.join(given)} given", "remove endpoints: (`meshctl plan` shows the replicas' "
+                             "ports), or declare the agents one by one to choose their ports"))
+        replicas = [f"{name}-{i}" for i in range(1, total + 1)]
+        if replicas and not re.match(NAME, replicas[-1]):
+            problems.append((path, f"replica name {replicas[-1]!r} is too long", "shorten the pool's name: a "
+                             "replica's name, NAME-N, has at most 63 characters"))
+        clash = [r for r in replicas if r in taken]
+        if clash:
+            problems.append((path, f"replica name(s) {', '.join(clash)} of pool {name!r} are already agent or "
+                             "replica names", "rename the pool or the agent: a pool's replicas are named "
+                             f"{name}-1, {name}-2, ..."))
+        taken.update(replicas)
+        if len(problems) > bad:
+            continue
+        group_on: dict[str, str] = {}   # host -> the group its replicas run in
+        for host in placement:
+            here = [g for g in groups if cfg.groups[g].host == host]
+            if len(here) > 1:
+                problems.append((f"{path}.replicas", f"pool {name!r} is listed in {len(here)} groups on host "
+                                 f"{host!r} ({', '.join(here)})", "list it in one group per host"))
+            elif here:
+                group_on[host] = here[0]
+            elif placement[host] > 0:
+                auto = f"{groups[0]}-{host}"
+                if auto in cfg.groups:
+                    problems.append((f"{path}.replicas.{host}", f"no group on host {host!r} lists pool {name!r}, "
+                                     f"and group {auto!r}, where its replicas there would run, is already declared",
+                                     f"list {name!r} in a group on {host}"))
+                group_on[host] = auto
+        plans[name] = (Pool(kind=spec.kind, replicas=replicas, placement=placement, min_ready=min_ready,
+                            required=spec.required), group_on)
+    if problems:
+        return problems
+
+    # all good: replace each pool by its replicas, in the agents and in the groups
+    agents: dict[str, AgentSpec] = {}
+    for name, spec in cfg.agents.items():
+        if name not in plans:
+            agents[name] = spec
+            continue
+        for replica in plans[name][0].replicas:
+            agents[replica] = AgentSpec(kind=spec.kind, depends_on=list(spec.depends_on), required=spec.required,
+                                        settings=copy.deepcopy(spec.settings))
+    placed_in: dict[tuple[str, str], list[str]] = {}   # (pool, declared group) -> the replicas it runs
+    auto_groups: dict[str, Group] = {}
+    for name, (pool, group_on) in plans.items():
+        numbered = iter(pool.replicas)
+        for host, n in pool.placement.items():
+            placed = [next(numbered) for _ in range(max(n, 0))]
+            group = group_on.get(host)
+            if group is None:
+                continue
+            if group in cfg.groups:
+                placed_in[(name, group)] = placed
+            else:
+                auto = auto_groups.setdefault(group, Group(host=host, agents=[], gpu=cfg.groups[listed[name][0]].gpu))
+                auto.agents.extend(placed)
+    for gname, group in cfg.groups.items():
+        group.agents = [a for agent in group.agents
+                        for a in (placed_in.get((agent, gname), []) if agent in plans else [agent])]
+    cfg.groups.update(auto_groups)
+    cfg.agents = agents
+    cfg._pools = {name: pool for name, (pool, _) in plans.items()}
+    cfg._pool_of = {r: name for name, pool in cfg._pools.items() for r in pool.replicas}
+    return []
 
 
 def _check(cfg: MeshConfig) -> list[tuple[str, str, str]]:
@@ -423,15 +650,19 @@ def _check(cfg: MeshConfig) -> list[tuple[str, str, str]]:
                              "list it under the agents: of one group"))
 
     for agent, spec in cfg.agents.items():
+        pool = cfg.pool_of(agent)
+        if pool and agent != cfg.pools[pool].replicas[0]:
+            continue    # the replicas share the pool's depends_on: said once, at the pool
+        where = f"agents.{pool}" if pool else f"agents.{agent}"
         for i, dep in enumerate(spec.depends_on):
-            if dep not in cfg.agents:
-                known = ", ".join(sorted(cfg.agents))
-                problems.append((f"agents.{agent}.depends_on[{i}]", f"unknown agent {dep!r}",
+            if dep not in cfg.agents and dep not in cfg.pools:
+                known = ", ".join(sorted([*cfg.agents, *cfg.pools]))
+                problems.append((f"{where}.depends_on[{i}]", f"unknown agent {dep!r}",
                                  f"declare it or remove it from depends_on (declared: {known})"))
-            elif dep == agent:
-                problems.append((f"agents.{agent}.depends_on[{i}]", "an agent cannot depend on itself",
-                                 "remove it from depends_on"))
-    cycle = _find_cycle(cfg.agents)
+            elif dep in (agent, pool):
+                problems.append((f"{where}.depends_on[{i}]", "an agent cannot depend on itself" if dep == agent
+                                 else "a pool's replicas cannot depend on their own pool", "remove it from depends_on"))
+    cycle = _find_cycle(_graph(cfg))
     if cycle and len(cycle) > 2:
         problems.append((f"agents.{cycle[0]}.depends_on", "dependency cycle: " + " -> ".join(cycle),
                          "remove one of these dependencies; start-up order must be a tree"))
@@ -511,9 +742,11 @@ def _assign_ports(cfg: MeshConfig, problems: list[tuple[str, str, str]]) -> None
                                  "assigned"))
             else:
                 taken[key] = user
-    # then every endpoint left out: per host, from base_port, the next port nobody uses
+    # then every endpoint left out: per host, from base_port, the next port nobody uses; the agents declared one
+    # by one first, then the pools' replicas, so that scaling a pool never moves another agent's ports
     next_port = {h: cfg.mesh.base_port for h in cfg.hosts}
-    for agent, spec in cfg.agents.items():
+    for agent in sorted(cfg.agents, key=lambda a: cfg.pool_of(a) is not None):
+        spec = cfg.agents[agent]
         host = host_of[agent]
         for which in ENDPOINTS:
             if getattr(spec.endpoints, which) is None:

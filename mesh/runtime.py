@@ -164,7 +164,10 @@ class Agent:
         self.publisher.publish(message, topic)
 
     def peer(self, agent: str) -> Peer:
-        """A non-blocking request/reply client to another agent of the mesh."""
+        """A non-blocking request/reply client to another agent of the mesh. A pool's name gives its first
+        replica: one agent answers a request (spreading work over a pool is the asking kind's business, with
+        `config.replicas_of`)."""
+        agent = self.config.replicas_of(agent)[0]
         if agent not in self._peers:
             self._peers[agent] = Peer(self.ctx, self.reactor, self.config.endpoint(agent, "rpc"), sender=self.name,
                                       metrics=self.metrics, guard=self.guard, server_host=self.config.host_of(agent),
@@ -177,7 +180,12 @@ class Agent:
         """Receives events published by `agent` whose topic starts with `prefix`. Each publisher gets a SUB
         socket of its own, so only what `agent`'s port sent (CURVE-authenticated when keys are on) reaches
         `callback`, and only of `message_type` (by default the type whose name `prefix` is, if it is one):
-        anything else is dropped and counted (`mesh_pubsub_dropped_total{code="unexpected_event"}`)."""
+        anything else is dropped and counted (`mesh_pubsub_dropped_total{code="unexpected_event"}`). A pool's
+        name subscribes to every replica of it."""
+        if agent in self.config.pools:
+            for replica in self.config.replicas_of(agent):
+                self.subscribe(replica, prefix, callback, message_type)
+            return
         host = self.config.host_of(agent)
         sub = self._subscribers.get(agent)
         if sub is None:   # one SUB socket per publisher: what arrives on it came from that agent's port
@@ -451,7 +459,8 @@ class Agent:
             self._twin_soon()
 
     def _on_twin_state(self, event: StateChanged, env: Envelope) -> None:
-        if self.state == AgentState.WAITING and event.agent in self.spec.depends_on and event.state in READY_STATES:
+        if (self.state == AgentState.WAITING and event.agent in self.config.dependency_agents(self.name)
+                and event.state in READY_STATES):
             self._twin_soon()
 
     def _on_event(self, publisher: str, topic: str, env: Envelope) -> None:

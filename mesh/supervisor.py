@@ -58,7 +58,9 @@ class Supervisor:
         self.config = config
         self.host = host or config.this_host
         names = config.agents_on(self.host)
-        if only:
+        if only:   # a pool's name stands for its replicas on this host
+            only = [a for name in only for a in (
+                [r for r in config.replicas_of(name) if r in names] if name in config.pools else [name])]
             unknown = sorted(set(only) - set(names))
             if unknown:
                 raise ValueError(f"not agents of host {self.host}: {', '.join(unknown)} (its agents: {', '.join(names)})")

@@ -179,8 +179,12 @@ class CrawlCoordinator(Agent):
         self._local = threading.local()
         self._zstd = zstandard.ZstdCompressor(level=3)
         self._running = False
+        # The extractor every page goes to: with a pool (`replicas:`), its first replica, for now. The next slice of
+        # pools replaces this: pages spread by credit over config.replicas_of(s.extractor).
+        self.extractor: str = config.replicas_of(s.extractor)[0]
         # pacing by the learner (see the module docstring)
         learner = s.learner if s.learner != "auto" else config.agent_of_kind("topic_model")
+        learner = config.replicas_of(learner)[0] if learner else None   # a pool of learners: its first, for now
         self.max_unscored: int = s.max_unscored if s.max_unscored is not None else (
             _batch_docs(config, learner) if learner else 0)
         self.learner: str | None = learner if self.max_unscored else None
@@ -515,7 +519,7 @@ class CrawlCoordinator(Agent):
         if now < self.handoff_paused_until:
             self._wake_at(self.handoff_paused_until)
             return
-        peer = self.peer(s.extractor)
+        peer = self.peer(self.extractor)
         while self.handoff and len(self.handoff_sent) < s.handoff_window:
             entry, r = self.handoff.popleft()
             msg = self._page_message(entry, r)
@@ -552,7 +556,7 @@ class CrawlCoordinator(Agent):
         if self.handoff_sent.pop(entry.url, None) is None or self.frontier is None:
             return
         if self.handoff_backoff:
-            self.log.info("extractor %s answers again", self.settings.extractor)
+            self.log.info("extractor %s answers again", self.extractor)
         self.handoff_backoff = 0.0
         depth = entry.depth + 1
         try:
@@ -592,20 +596,20 @@ class CrawlCoordinator(Agent):
             if self._running:
                 self._pump()
             return
-        if event.agent != self.settings.extractor or self.frontier is None:
+        if event.agent != self.extractor or self.frontier is None:
             return
         if state in gone or (state == AgentState.STARTING and previous not in (*gone, AgentState.DECLARED)):
-            n = self.peer(self.settings.extractor).fail_pending(
+            n = self.peer(self.extractor).fail_pending(
                 MeshError("peer_lost", f"the extractor is {state} ({event.reason or 'reported by the twin'})"))
             if n:
                 self.log.warning("extractor %s is %s (%s) with %d page(s) in its hands: delivering them again",
-                                 self.settings.extractor, state, event.reason, n)
+                                 self.extractor, state, event.reason, n)
 
     def _handoff_failed(self, entry: Entry, r: FetchResult | None, exc: MeshError) -> None:
         if self.handoff_sent.pop(entry.url, None) is None or self.frontier is None:
             return
         if exc.code in PERMANENT_ERRORS:
-            self.log.error("extractor %s refused %s for good: %s: %s", self.settings.extractor, entry.url, exc.code,
+            self.log.error("extractor %s refused %s for good: %s: %s", self.extractor, entry.url, exc.code,
                            exc.message)
             self._finish(entry, ok=False, outcome="failed", error=f"extractor refused it: {exc.code}: {exc.message}"[:500])
             self._pump()
@@ -613,7 +617,7 @@ class CrawlCoordinator(Agent):
         self.handoff.appendleft((entry, r))
         if not self.handoff_backoff:
             self.log.warning("extractor %s did not store %s (%s): keeping the page(s), delivering again",
-                             self.settings.extractor, entry.url, exc.message)
+                             self.extractor, entry.url, exc.message)
         self.handoff_backoff = min(max(self.handoff_backoff * 2, 0.5), 10.0)
         self.handoff_paused_until = time.monotonic() + self.handoff_backoff
         self._wake_at(self.handoff_paused_until)

@@ -173,8 +173,8 @@ class DigitalTwin(Agent):
             for name, spec in cfg.agents.items()
         }
         self.dependents: dict[str, list[str]] = {name: [] for name in cfg.agents}
-        for name, spec in cfg.agents.items():
-            for dep in spec.depends_on:
+        for name in cfg.agents:
+            for dep in cfg.dependency_agents(name):   # a pool's replicas: each of them moves its dependents
                 self.dependents[dep].append(name)
         self.host_states: dict[str, HostState] = {
             h: HostState.LOCAL if h == self.host else HostState.UNKNOWN for h in cfg.hosts}
@@ -328,14 +328,18 @@ class DigitalTwin(Agent):
                             {"declared": sorted(self.records)})
         return rec
 
+    def _met(self, dep: str) -> bool:
+        """Whether depends_on on `dep` is met: the agent is ready, or min_ready of the pool's replicas are."""
+        ready = sum(self.records[a].state in READY_STATES for a in self.config.replicas_of(dep))
+        return ready >= self.config.min_ready_of(dep)
+
     def _waiting_on(self, rec: Record) -> list[str]:
-        return [d for d in rec.depends_on
-                if self.config.agents[d].required and self.records[d].state not in READY_STATES]
+        return [d for d in rec.depends_on if self.config.is_required(d) and not self._met(d)]
 
     def _effective(self, rec: Record) -> tuple[AgentState, str]:
         state = rec.reported
         if state in READY_STATES:
-            down = [d for d in rec.depends_on if self.records[d].state not in READY_STATES]
+            down = [d for d in rec.depends_on if not self._met(d)]
             if down:
                 return AgentState.DEGRADED, "dependency not ready: " + ", ".join(down)
         return state, rec.detail
@@ -523,8 +527,10 @@ class DigitalTwin(Agent):
             live = rec.state in LIVE
             agents.append({
                 "agent": rec.agent, "kind": rec.kind, "host": rec.host, "group": rec.group, "required": rec.required,
-                "state": str(rec.state), "since": round(rec.since, 1), "level": self.levels.get(rec.agent, 0) + 1,
-                "depends_on": rec.depends_on, "waiting_on": rec.waiting_on if rec.state == AgentState.WAITING else [],
+                "pool": self.config.pool_of(rec.agent), "state": str(rec.state), "since": round(rec.since, 1),
+                "level": self.levels.get(rec.agent, 0) + 1,
+                "depends_on": rec.depends_on, "needs": self.config.dependency_agents(rec.agent),   # pools expanded
+                "waiting_on": rec.waiting_on if rec.state == AgentState.WAITING else [],
                 "heartbeat_age_s": None if rec.last_seen is None else round(now - rec.last_seen, 1),
                 "heartbeat_max_gap_s": round(rec.max_gap, 3),
                 "uptime_s": round(wall - rec.started_at) if live and rec.started_at else None,

@@ -26,7 +26,7 @@ def logs(agents: Optional[list[str]] = typer.Argument(None, help="Agents to show
     if via not in ("auto", "file", "mesh"):
         err.print("[bold red]error:[/] --via must be auto, file or mesh")
         raise typer.Exit(2)
-    names = agents or list(cfg.agents)
+    names = [r for a in agents for r in cfg.replicas_of(a)] if agents else list(cfg.agents)   # a pool: its replicas
     unknown = [a for a in names if a not in cfg.agents]
     if unknown:
         err.print(f"[bold red]error:[/] unknown agent(s) {', '.join(unknown)}; declared: {', '.join(cfg.agents)}")

@@ -142,9 +142,10 @@ def status(config: str = ConfigOpt, as_json: bool = JsonOpt,
             age = "-" if a.last_heartbeat_age_s is None else f"{a.last_heartbeat_age_s:.1f}s"
             up_ = "-" if a.uptime_s is None else f"{a.uptime_s:.0f}s"
             note = ", ".join(a.waiting_on) if a.waiting_on else a.detail
-            table.add_row(a.agent + ("" if a.required else " (optional)"), f"{a.host}/{a.group}", f"[{style}]{a.state}[/]",
-                          age, up_, str(a.restarts), f"{a.stats.messages_in}/{a.stats.messages_out}",
-                          str(a.stats.errors), note)
+            pool = cfg.pool_of(a.agent) if a.agent in cfg.agents else None   # the twin may run another file
+            name = a.agent + (f" (pool {pool})" if pool else "") + ("" if a.required else " (optional)")
+            table.add_row(name, f"{a.host}/{a.group}", f"[{style}]{a.state}[/]", age, up_, str(a.restarts),
+                          f"{a.stats.messages_in}/{a.stats.messages_out}", str(a.stats.errors), note)
         hosts = "   ".join(f"{h.host} ({h.address}) [{STATE_STYLE.get(h.state, '')}]{h.state}[/] {h.ready}/{h.agents} ready"
                            for h in reply.hosts)
         if watch:
@@ -156,19 +157,31 @@ def status(config: str = ConfigOpt, as_json: bool = JsonOpt,
         time.sleep(1)
 
 
+def _dependency(cfg: MeshConfig, name: str) -> str:
+    """A name in depends_on as plan shows it: a pool with how many of its replicas must be ready."""
+    pool = cfg.pools.get(name)
+    return f"{name} ({pool.min_ready} of {len(pool.replicas)} ready)" if pool is not None else name
+
+
 def plan(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
     """Print the start-up order: levels of agents, each depending only on earlier levels, with every port each
-    agent binds (rpc, pub, metrics, and those its kind declares, such as the twin's dashboard)."""
+    agent binds (rpc, pub, metrics, and those its kind declares, such as the twin's dashboard); then the pools,
+    with their replicas per host and min_ready."""
     cfg = load(config, host)
     for i, level in enumerate(cfg.start_order(), 1):
         parts = []
         for a in level:
             spec = cfg.agents[a]
-            deps = f" <- {', '.join(spec.depends_on)}" if spec.depends_on else ""
+            deps = f" <- {', '.join(_dependency(cfg, d) for d in spec.depends_on)}" if spec.depends_on else ""
             opt = " (optional)" if not spec.required else ""
+            pool = f" (pool {cfg.pool_of(a)})" if cfg.pool_of(a) else ""
             ports = ", ".join(f"{which} :{port}" for which, port in cfg.ports(a).items())
-            parts.append(f"{a} [{spec.kind} @ {cfg.host_of(a)}/{cfg.group_of(a)}, {ports}]{opt}{deps}")
+            parts.append(f"{a} [{spec.kind} @ {cfg.host_of(a)}/{cfg.group_of(a)}, {ports}]{pool}{opt}{deps}")
         console.print(f"[bold]{i}.[/] " + escape("\n   ".join(parts)))
+    for name, pool in cfg.pools.items():
+        per_host = ", ".join(f"{h}: {n}" for h, n in pool.placement.items())
+        console.print(escape(f"pool {name} [{pool.kind}]: {per_host}; min_ready {pool.min_ready} -> "
+                             f"{', '.join(f'{r} @ {cfg.host_of(r)}' for r in pool.replicas)}"))
 
 
 def check(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
@@ -191,7 +204,9 @@ def check(config: str = ConfigOpt, host: Optional[str] = HostOpt) -> None:
     warning = cfg.plaintext_warning(me) if me is not None else None
     if warning:
         err.print(f"[bold yellow]warning:[/] {escape(warning)}")
-    console.print(f"{config}: ok ({len(cfg.hosts)} host(s), {len(cfg.groups)} group(s), {len(cfg.agents)} agent(s))")
+    pools = f", {len(cfg.pools)} pool(s)" if cfg.pools else ""
+    console.print(f"{config}: ok ({len(cfg.hosts)} host(s), {len(cfg.groups)} group(s), {len(cfg.agents)} agent(s)"
+                  f"{pools})")
 
 
 def register(app: typer.Typer) -> None:

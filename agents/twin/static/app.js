@@ -58,7 +58,7 @@ function renderHosts(st) {
         seen[name] = a.state;
         const detail = a.waiting_on.length ? "waits for " + a.waiting_on.join(", ") : a.detail;
         html += `<tr data-agent="${esc(name)}" data-state="${esc(a.state)}"${changed ? ' class="changed"' : ""}>
-          <td>${esc(name)}${a.required ? "" : ' <small>(optional)</small>'}</td><td class="st">${badge(a.state)}</td>
+          <td>${esc(name)}${a.pool ? ` <small>(pool ${esc(a.pool)})</small>` : ""}${a.required ? "" : ' <small>(optional)</small>'}</td><td class="st">${badge(a.state)}</td>
           <td class="num">${a.heartbeat_age_s === null ? "–" : a.heartbeat_age_s.toFixed(1) + "s"}</td>
           <td class="num opt2">${dur(a.uptime_s)}</td><td class="num">${a.restarts}</td>
           <td class="num opt2">${num(a.msgs_per_s, 1)}</td>
@@ -84,7 +84,7 @@ function renderGraph(st) {
   svg.style.maxWidth = width * 1.3 + "px";
   let out = "";
   for (const a of st.agents) {
-    for (const d of a.depends_on) {
+    for (const d of a.needs || a.depends_on) {
       if (!pos[d] || !pos[a.agent]) continue;
       const s = pos[d], t = pos[a.agent];
       const x1 = s.x + nodeW, y1 = s.y + nodeH / 2, x2 = t.x, y2 = t.y + nodeH / 2, mx = (x1 + x2) / 2;
