@@ -133,6 +133,7 @@ class Agent:
         self._subscriptions: list[tuple[str, str, Callable[[Message, Envelope], None], Any]] = []
         self._metrics_http = None
         self._stop_requested = threading.Event()
+        self._stop_reason = ""
         self._registered = False
         self._twin_inflight = False
         self._twin_next = 0.0
@@ -219,16 +220,21 @@ class Agent:
             self.log.info("the %s answers again", what)
             self.set_state(AgentState.READY)
 
-    def request_stop(self) -> None:
-        """Asks the agent to drain and stop; safe from signal handlers and other threads."""
+    def request_stop(self, reason: str = "") -> None:
+        """Asks the agent to drain and stop; safe from signal handlers and other threads. `reason` (the signal, say)
+        is logged when the drain starts."""
+        self._stop_reason = self._stop_reason or reason
         self._stop_requested.set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def run(self, *, install_signals: bool = True) -> None:
         if install_signals and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
-            signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+            signal.signal(signal.SIGTERM, lambda *_: self.request_stop("SIGTERM"))
+            # under `meshctl up` SIGINT is ignored: a terminal's Ctrl-C reaches every process of the group, and the
+            # supervisor stops the agents itself, dependents first; run alone, Ctrl-C stops the agent
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                signal.signal(signal.SIGINT, lambda *_: self.request_stop("SIGINT"))
         self.start()
         watched = threading.Event()
         threading.Thread(target=self._watch_loop, args=(threading.get_ident(), watched), name=f"{self.name}-loop-watch",
@@ -293,6 +299,8 @@ class Agent:
                       self.config.port(self.name, "metrics"), "on" if self.guard.enabled else "off")
 
     def _drain(self) -> None:
+        if self._stop_reason:
+            self.log.info("stop requested (%s)", self._stop_reason)
         self.log.info("draining")
         self.set_state(AgentState.DRAINING)
         if self.server is not None:

@@ -77,6 +77,20 @@ def test_ctrl_c_stops_every_agent_cleanly(write_config, mesh_up):
     assert '"message": "draining"' in log and '"message": "stopped"' in log
 
 
+def test_ctrl_c_at_a_terminal_stops_the_agents_in_order_not_all_at_once(write_config, mesh_up):
+    # a terminal's Ctrl-C sends SIGINT to every process of the foreground group, the agents included: they leave it
+    # to the supervisor, which stops them with SIGTERM, dependents first
+    path, cfg = write_config(chain_config())
+    up = mesh_up(path)
+    wait_for(lambda: fetch_status(cfg, timeout=0.5).mesh_state == "ready", timeout=20, what="mesh ready")
+    os.killpg(up.pid, signal.SIGINT)
+    assert up.wait(30) == 0
+    logs = {name: (cfg.mesh.data_dir / "logs" / f"{name}.log").read_text() for name in ("twin", "a", "b")}
+    for name, text in logs.items():
+        assert "stop requested (SIGTERM)" in text and "SIGINT" not in text, (name, text[-2000:])
+    assert "b: ready -> stopped (stopped)" in logs["twin"]
+
+
 def test_up_refuses_unknown_kinds_before_starting_anything(write_config):
     path, _ = write_config(mesh_dict({"x": {"kind": "no_such_kind"}}))
     r = meshctl("up", "--config", str(path), timeout=30)
