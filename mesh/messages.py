@@ -50,24 +50,50 @@ class AgentStats(BaseModel):
     gauges: dict[str, float] = Field(default_factory=dict, max_length=64)
 
 
+MAX_SPOKEN_TYPES = 4096   # a process registers about 60 types; plug-ins add some
+
+
 class Register(Message):
     """An agent (re-)announces itself. A new `instance` for a known agent counts as a restart. `state`: starting,
-    waiting, ready or degraded (the twin refuses the others: invalid_body)."""
+    waiting, ready or degraded (the twin refuses the others: invalid_body). `speaks`: every message type its
+    process knows, with its version (network.messages.versions()); the twin compares it with the rest of the mesh.
+    Empty: nothing is compared. Version 2: `speaks` added (a twin of version 1 refuses it, so it answers
+    bad_version and the agent says it cannot talk to the twin)."""
 
     type_name: ClassVar[str] = "twin.register"
+    version: ClassVar[int] = 2
     agent: str
     kind: str
     host: str
     instance: str
     pid: int
     state: AgentState = AgentState.STARTING
+    speaks: dict[str, int] = Field(default_factory=dict, max_length=MAX_SPOKEN_TYPES)
+
+
+class VersionConflict(BaseModel):
+    """A message type the registering agent and others of the mesh both know, at versions that cannot be
+    exchanged: `version` is the registering agent's, `peers` each other agent's (the twin's included)."""
+
+    model_config = ConfigDict(extra="forbid")
+    message_type: str
+    version: int
+    peers: dict[str, int]
+
+    def describe(self) -> str:
+        return f"{self.message_type} v{self.version} (" + ", ".join(f"{a}: v{v}" for a, v in self.peers.items()) + ")"
 
 
 class Registered(Message):
+    """`conflicts`: the types this agent cannot exchange with the rest of the mesh (its `speaks` against theirs);
+    empty when every type both sides know is at the same version. Version 2: `conflicts` added."""
+
     type_name: ClassVar[str] = "twin.registered"
+    version: ClassVar[int] = 2
     waiting_on: list[str] = Field(default_factory=list)
     heartbeat_interval_s: float
     restarts: int = 0
+    conflicts: list[VersionConflict] = Field(default_factory=list)
 
 
 class Heartbeat(Message):

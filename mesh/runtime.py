@@ -45,10 +45,11 @@ from mesh.messages import (
     Register,
     Registered,
     StateChanged,
+    VersionConflict,
     WaitReady,
 )
 from network.codec import Envelope
-from network.messages import REGISTRY, AgentState, Message, Ping, Pong
+from network.messages import REGISTRY, AgentState, ErrorCode, Message, Ping, Pong, versions
 from network.metrics import MeshMetrics, serve_metrics
 from network.pubsub import Publisher, Subscriber
 from network.reactor import Reactor, Timer
@@ -135,6 +136,8 @@ class Agent:
         self._stop_requested = threading.Event()
         self._stop_reason = ""
         self._registered = False
+        # as the twin last answered twin.register: the types the rest of the mesh speaks at other versions
+        self.version_conflicts: list[VersionConflict] = []
         self._twin_inflight = False
         self._twin_next = 0.0
         self._twin_timer: Timer | None = None
@@ -389,7 +392,7 @@ class Agent:
         interval = self.heartbeat_interval_s
         if not self._registered:
             msg: Message = Register(agent=self.name, kind=self.kind or type(self).__name__, host=self.host,
-                                    instance=self.instance, pid=os.getpid(), state=self.state)
+                                    instance=self.instance, pid=os.getpid(), state=self.state, speaks=versions())
             on_reply, period = self._on_registered, interval
         elif self.state == AgentState.WAITING:
             msg, on_reply, period = WaitReady(agent=self.name, instance=self.instance), self._on_ready_status, WAIT_POLL_S
@@ -413,6 +416,9 @@ class Agent:
             self._twin_inflight = False
             if exc.code == "unknown_agent":
                 self.log.error("the twin does not know agent %r: %s", self.name, exc.message)
+            elif exc.code == ErrorCode.BAD_VERSION:
+                self.log.error("cannot talk to the twin: %s (upgrade one of the two: docs/PROTOCOL.md, \"Schema "
+                               "versions\")", exc.message)
             elif self._twin_reachable:
                 self.log.warning("twin unreachable at %s (%s); still serving, retrying", self.twin.endpoint, exc.message)
                 self._twin_reachable = False
@@ -432,6 +438,12 @@ class Agent:
 
     def _on_registered(self, reply: Registered) -> None:
         self._registered = True
+        self.version_conflicts = list(reply.conflicts)
+        if reply.conflicts:
+            self.log.error("cannot talk to the rest of the mesh in %d message type(s), versions differ (this agent's "
+                           "first, then the others'): %s. Requests of these types between them are answered "
+                           "bad_version: upgrade the older side (docs/PROTOCOL.md, \"Schema versions\")",
+                           len(reply.conflicts), "; ".join(c.describe() for c in reply.conflicts))
         # the twin declares an agent dead by its own interval: beat at its pace, even if this host's config differs
         self.heartbeat_interval_s = min(60.0, max(0.05, reply.heartbeat_interval_s))
         if self.state == AgentState.STARTING:

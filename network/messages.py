@@ -3,6 +3,12 @@
 A message type is a pydantic model with a `type_name` (dotted, unique) and a schema
 `version`. Subclassing `Message` with a `type_name` registers the type; the codec looks
 types up here by name. Agents add their own types the same way, in their own modules.
+
+Versions are per type: two processes can exchange a type only at the same version, since a receiver refuses
+a body with a field it does not know (a new optional field too), and a frame of another version is answered
+`bad_version`. So any change to a type's fields raises its `version`, and an agent tells the twin at
+registration what it speaks (`versions()`), so that an old and a new replica side by side learn there, not
+from failed requests, which types they cannot exchange (docs/PROTOCOL.md, "Schema versions").
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, use_enum_values=True)
 
     type_name: ClassVar[str] = ""
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 1      # raised on any change to the fields: receivers take their own version only
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -37,6 +43,11 @@ class Message(BaseModel):
 
 def lookup(type_name: str) -> type[Message] | None:
     return REGISTRY.get(type_name)
+
+
+def versions() -> dict[str, int]:
+    """Every type this process knows, with the version it sends and accepts: what an agent speaks."""
+    return {name: cls.version for name, cls in sorted(REGISTRY.items())}
 
 
 # --- generic replies ---------------------------------------------------------------------------

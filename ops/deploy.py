@@ -459,19 +459,100 @@ def install_units(host: str, specs: list[GroupSpec], cfg: MeshConfig) -> list[Pa
 
 
 def kube(host: str, *, no_gpu: bool = False) -> str:
-    """Kubernetes YAML (one Pod per group, host network, the data volume as a claim) that
-    `podman kube play` deploys, and a cluster can take later. Secrets are referred to, never carried:
+    """Kubernetes YAML (one Pod per group, a StatefulSet per pool; host network, the data volume as a claim)
+    that a cluster takes, and `podman kube play` too where it has no pool. Secrets are referred to, never carried:
     the Pods take them from the Secret `mesh-HOST-secrets` (env valueFrom.secretKeyRef), which this
     creates as a Podman secret for `podman kube play` (on a cluster: `kubectl create secret`)."""
     cfg = _config(host)
     text, secret = kube_yaml(cfg, host, no_gpu=no_gpu)
     if secret is not None:   # stdout is the YAML
         ensure_secrets([secret], host, report=lambda line: print(line.strip(), file=sys.stderr))
+    pools = sorted({p for a in cfg.agents_on(host) if (p := cfg.pool_of(a))})
+    if pools:
+        print(f"warning: pool(s) {', '.join(pools)} are StatefulSets, which `podman kube play` skips (Podman 4.3 to "
+              f"5.x plays no StatefulSet): play this on a cluster, or run the host with `podman_build.sh deploy "
+              f"{host}`", file=sys.stderr)
     return text
 
 
+KUBE_NAME = re.compile(r"[^a-z0-9-]")
+
+# How a StatefulSet's pod learns which replica it runs: its name (the downward API, MESH_POD_NAME) ends in its
+# ordinal, and the ordinals start at the host's first replica's number, so pod mesh-pc2-extractor-3 runs extractor-3.
+REPLICA_SCRIPT = ('replica="{pool}-${{MESH_POD_NAME##*-}}"; export MESH_AGENTS="$replica"; '
+                  'exec meshctl up "$@" --only "$replica"')
+
+
+def kube_name(*parts: str) -> str:
+    """A Kubernetes object name (DNS-1123: lower-case letters, digits and '-'), from agent or group names that
+    may hold '_'."""
+    return KUBE_NAME.sub("-", "-".join(parts))
+
+
+def _kube_container(spec: GroupSpec, secret_name: str, agents: list[str], role: str) -> dict:
+    """The container running `agents` of a group (a Pod's, or a StatefulSet's template's): the image of `role`,
+    the group's plain settings and its secrets by reference."""
+    env = {**spec.env, "MESH_AGENTS": " ".join(agents)}
+    container = {
+        "name": kube_name(spec.group), "image": image_of(role),
+        "args": ["--config", f"config/{spec.host}.yaml", "--host", spec.host, *[x for a in agents for x in ("--only", a)]],
+        "env": [{"name": k, "value": v} for k, v in env.items()]
+               + [{"name": s.env.removesuffix("_FILE"),
+                   "valueFrom": {"secretKeyRef": {"name": secret_name, "key": s.env.removesuffix("_FILE")}}}
+                  for s in spec.secrets],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID},
+    }
+    if spec.public_keys:
+        container["volumeMounts"].append({"name": "keys", "mountPath": "/keys/public", "readOnly": True})
+    if spec.gpu:
+        # A CDI device by its qualified name, as `podman kube play` takes it (Podman 5.4 and later; older ones
+        # ignore it: deploy with `podman_build.sh deploy` there). A cluster's NVIDIA device plugin wants
+        # `nvidia.com/gpu: 1` instead.
+        container["resources"] = {"limits": {KUBE_GPU: 1}}
+    return container
+
+
+def _kube_pod_spec(spec: GroupSpec, container: dict) -> dict:
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": spec.volume}}]
+    if spec.public_keys:
+        volumes.append({"name": "keys", "hostPath": {"path": str(spec.public_keys), "type": "Directory"}})
+    return {"hostNetwork": True, "restartPolicy": "Always", "containers": [container], "volumes": volumes}
+
+
+def _kube_pool(spec: GroupSpec, cfg: MeshConfig, secret_name: str, pool: str, replicas: list[str]) -> list[dict]:
+    """A pool's replicas on this host as one StatefulSet (and the headless Service it names): `replicas` pods,
+    their ordinals starting at the host's first replica's number (spec.ordinals.start: Kubernetes 1.27 and later),
+    so that the pods' names end like the replicas' (replicas are numbered per host without gaps), and each pod runs
+    the replica its ordinal names (REPLICA_SCRIPT), with that replica's own ports."""
+    numbers = [int(r.rsplit("-", 1)[1]) for r in replicas]
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise DeployError(f"pool {pool}'s replicas on {spec.host} are not numbered without gaps ({', '.join(replicas)})"
+                          ": a StatefulSet's ordinals could not name them")
+    name = kube_name("mesh", spec.host, pool)
+    role = "model" if resolve(cfg.pools[pool].kind).image == "model" else "cpu"
+    container = _kube_container(spec, secret_name, [], role)
+    container["env"] = [e for e in container["env"] if e["name"] != "MESH_AGENTS"]   # the script sets it
+    container["env"].insert(0, {"name": "MESH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    command = ["/bin/sh", "-c", REPLICA_SCRIPT.format(pool=pool), "meshctl"]   # "$@": the args, after meshctl up
+    container = {"name": container.pop("name"), "image": container.pop("image"), "command": command, **container}
+    selector = {"app": "agent-mesh", "mesh-host": spec.host, "mesh-pool": kube_name(pool)}
+    labels = {**selector, "mesh-group": kube_name(spec.group)}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+               "spec": {"clusterIP": "None", "selector": selector}}
+    stateful = {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "labels": labels},
+        "spec": {"serviceName": name, "replicas": len(replicas), "ordinals": {"start": numbers[0]},
+                 "podManagementPolicy": "Parallel",    # the replicas start together; the twin's gate orders the mesh
+                 "selector": {"matchLabels": selector},
+                 "template": {"metadata": {"labels": dict(labels)}, "spec": _kube_pod_spec(spec, container)}},
+    }
+    return [service, stateful]
+
+
 def kube_yaml(cfg: MeshConfig, host: str, *, no_gpu: bool = False) -> tuple[str, Secret | None]:
-    """The YAML of `kube`, and the Podman secret (a Kubernetes Secret document) its Pods refer to, if any."""
+    """The YAML of `kube`, and the Podman secret (a Kubernetes Secret document) its Pods refer to, if any. A group's
+    agents declared one by one run in its Pod; each pool's replicas in it run as a StatefulSet of their own."""
     specs = group_specs(cfg, host, no_gpu=no_gpu, for_kube=True)
     secret_name = f"mesh-{host}-secrets"
     secrets = specs[0].secrets if specs else []
@@ -483,33 +564,26 @@ def kube_yaml(cfg: MeshConfig, host: str, *, no_gpu: bool = False) -> tuple[str,
         secret = Secret(secret_name, "", "", json.dumps(data, sort_keys=True).encode())
     docs = []
     for spec in specs:
-        container = {
-            "name": spec.group, "image": spec.image, "args": spec.command,
-            "env": [{"name": k, "value": v} for k, v in spec.env.items()]
-                   + [{"name": s.env.removesuffix("_FILE"),
-                       "valueFrom": {"secretKeyRef": {"name": secret_name, "key": s.env.removesuffix("_FILE")}}}
-                      for s in spec.secrets],
-            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-            "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID},
-        }
-        volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": spec.volume}}]
-        if spec.public_keys:
-            container["volumeMounts"].append({"name": "keys", "mountPath": "/keys/public", "readOnly": True})
-            volumes.append({"name": "keys", "hostPath": {"path": str(spec.public_keys), "type": "Directory"}})
-        metadata = {"name": spec.name, "labels": {"app": "agent-mesh", "mesh-host": host, "mesh-group": spec.group}}
-        if spec.gpu:
-            # A CDI device by its qualified name, as `podman kube play` takes it (Podman 5.4 and later; older ones
-            # ignore it: deploy with `podman_build.sh deploy` there). A cluster's NVIDIA device plugin wants
-            # `nvidia.com/gpu: 1` instead.
-            container["resources"] = {"limits": {KUBE_GPU: 1}}
-        docs.append({
-            "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
-            "spec": {"hostNetwork": True, "restartPolicy": "Always", "containers": [container], "volumes": volumes},
-        })
+        single = [a for a in spec.agents if cfg.pool_of(a) is None]
+        pools: dict[str, list[str]] = {}
+        for agent in spec.agents:
+            if cfg.pool_of(agent) is not None:
+                pools.setdefault(cfg.pool_of(agent), []).append(agent)
+        if single:
+            metadata = {"name": spec.name, "labels": {"app": "agent-mesh", "mesh-host": host, "mesh-group": spec.group}}
+            role = "model" if any(resolve(cfg.agents[a].kind).image == "model" for a in single) else "cpu"
+            container = _kube_container(spec, secret_name, single, role)
+            docs.append({"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+                         "spec": _kube_pod_spec(spec, container)})
+        for pool, replicas in pools.items():
+            docs += _kube_pool(spec, cfg, secret_name, pool, replicas)
     header = (f"# Kubernetes YAML for host {host}, made by `podman_build.sh kube {host}`.\n"
               f"# Deploy: podman kube play FILE; remove: podman kube down FILE.\n"
               + (f"# Secrets come from the Secret {secret_name} (made here as a Podman secret; on a cluster create it "
-                 f"with kubectl).\n" if secrets else ""))
+                 f"with kubectl).\n" if secrets else "")
+              + ("# Pools are StatefulSets (Kubernetes 1.27 or later: spec.ordinals.start), which podman kube play "
+                 "skips: on Podman, deploy with `podman_build.sh deploy`.\n"
+                 if any(d["kind"] == "StatefulSet" for d in docs) else ""))
     return header + yaml.safe_dump_all(docs, sort_keys=False), secret
 
 

@@ -188,3 +188,80 @@ def test_deploy_without_the_hosts_secret_key_says_how_to_make_it(tmp_path):
     assert cfg.curve_enabled("pc2")   # a non-loopback bind: CURVE on
     with pytest.raises(deploy.DeployError, match=r"run `meshctl keys generate pc2`"):
         deploy.group_specs(cfg, "pc2", no_gpu=True)
+
+
+POOLED = {
+    "hosts": {"mainpc": {"address": "10.0.0.1"}, "pc2": {"address": "10.0.0.2"}},
+    "groups": {"core": {"host": "mainpc", "agents": ["twin"]},
+               "extract": {"host": "pc2", "agents": ["extractor", "echo"]}},
+    "agents": {"twin": {"kind": "digital_twin"}, "echo": {"kind": "echo", "depends_on": ["twin"]},
+               "extractor": {"kind": "extractor", "depends_on": ["twin"], "replicas": {"mainpc": 1, "pc2": 2}}},
+    "security": {"curve": "off"},
+}
+
+
+def test_kube_yaml_writes_a_pool_as_one_statefulset_per_host(monkeypatch):
+    monkeypatch.setenv("MESH_DASHBOARD_TOKEN", "a-token")
+    data = copy.deepcopy(POOLED)
+    data["agents"]["twin"]["settings"] = {"dashboard_token": "${MESH_DASHBOARD_TOKEN:-}"}
+    cfg = parse_config(data, host="pc2")
+    text, _ = deploy.kube_yaml(cfg, "pc2")
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(text)}
+    assert set(docs) == {("Pod", "mesh-pc2-extract"), ("Service", "mesh-pc2-extractor"),
+                         ("StatefulSet", "mesh-pc2-extractor")}
+    pod = docs["Pod", "mesh-pc2-extract"]["spec"]["containers"][0]   # the group's agents declared one by one
+    assert pod["args"][-2:] == ["--only", "echo"] and {"name": "MESH_AGENTS", "value": "echo"} in pod["env"]
+    sts = docs["StatefulSet", "mesh-pc2-extractor"]["spec"]
+    assert sts["replicas"] == 2 and sts["ordinals"] == {"start": 2}   # pods mesh-pc2-extractor-2 and -3
+    assert sts["serviceName"] == "mesh-pc2-extractor" and docs["Service", "mesh-pc2-extractor"]["spec"]["clusterIP"] == "None"
+    labels = sts["template"]["metadata"]["labels"]
+    assert sts["selector"]["matchLabels"].items() <= labels.items()
+    assert docs["Service", "mesh-pc2-extractor"]["spec"]["selector"] == sts["selector"]["matchLabels"]
+    spec = sts["template"]["spec"]
+    assert spec["hostNetwork"] and spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "mesh-pc2-data"
+    container = spec["containers"][0]
+    assert container["image"].endswith("-cpu:latest")
+    assert {"name": "MESH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    assert {"name": "MESH_DASHBOARD_TOKEN", "valueFrom": {"secretKeyRef": {   # by reference, as in the Pods
+        "name": "mesh-pc2-secrets", "key": "MESH_DASHBOARD_TOKEN"}}} in container["env"]
+    assert "a-token" not in text
+    # MainPC: its one replica, in the group made for it, as a StatefulSet of one starting at 1
+    main = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(deploy.kube_yaml(cfg, "mainpc")[0])}
+    assert set(main) == {("Pod", "mesh-mainpc-core"), ("Service", "mesh-mainpc-extractor"),
+                         ("StatefulSet", "mesh-mainpc-extractor")}
+    assert main["StatefulSet", "mesh-mainpc-extractor"]["spec"]["replicas"] == 1
+    assert main["StatefulSet", "mesh-mainpc-extractor"]["spec"]["ordinals"] == {"start": 1}
+    twin = main["Pod", "mesh-mainpc-core"]["spec"]["containers"][0]
+    ref = {"secretKeyRef": {"name": "mesh-mainpc-secrets", "key": "MESH_DASHBOARD_TOKEN"}}
+    assert {"name": "MESH_DASHBOARD_TOKEN", "valueFrom": ref} in twin["env"]
+    extractor = main["StatefulSet", "mesh-mainpc-extractor"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "MESH_DASHBOARD_TOKEN", "valueFrom": ref} in extractor["env"]   # secrets as in the Pods
+
+
+def test_each_statefulset_pod_runs_the_replica_its_name_ends_with(tmp_path):
+    """The pod's command, run by sh as the image would, with a `meshctl` that prints what it was asked."""
+    cfg = parse_config(copy.deepcopy(POOLED), host="pc2")
+    text, _ = deploy.kube_yaml(cfg, "pc2")
+    sts = next(d for d in yaml.safe_load_all(text) if d["kind"] == "StatefulSet")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    fake = tmp_path / "meshctl"
+    fake.write_text('#!/bin/sh\necho "$MESH_AGENTS|$*"\n')
+    fake.chmod(0o755)
+    for ordinal in range(sts["spec"]["ordinals"]["start"], sts["spec"]["ordinals"]["start"] + sts["spec"]["replicas"]):
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "MESH_POD_NAME": f"{sts['metadata']['name']}-{ordinal}"}
+        r = subprocess.run([*container["command"], *container["args"]], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"extractor-{ordinal}|up --config config/pc2.yaml --host pc2 --only extractor-{ordinal}"
+        assert cfg.host_of(f"extractor-{ordinal}") == "pc2"   # a replica of this host: its own ports
+
+
+def test_kube_warns_that_podman_kube_play_skips_statefulsets(monkeypatch, capsys):
+    cfg = parse_config(copy.deepcopy(POOLED), host="pc2")
+    monkeypatch.setattr(deploy, "_config", lambda host: cfg)
+    text = deploy.kube("pc2")
+    assert "kind: StatefulSet" in text
+    assert "podman kube play` skips" in capsys.readouterr().err
+    without = copy.deepcopy(MESH)
+    monkeypatch.setattr(deploy, "_config", lambda host: parse_config({**without, "security": {"curve": "off"}}))
+    deploy.kube("pc2")
+    assert "StatefulSet" not in capsys.readouterr().err

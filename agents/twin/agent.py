@@ -42,11 +42,12 @@ from mesh.messages import (
     StateChanged,
     StatusReply,
     StatusRequest,
+    VersionConflict,
     WaitReady,
 )
 from mesh.runtime import READY_STATES, Agent, AgentSettings, StartupError, handles
 from network.codec import Envelope
-from network.messages import Ack, AgentState, ErrorCode
+from network.messages import Ack, AgentState, ErrorCode, versions
 from network.rpc import MeshError
 
 LIVE = (AgentState.STARTING, AgentState.WAITING, AgentState.READY, AgentState.DEGRADED, AgentState.DRAINING)
@@ -95,6 +96,8 @@ class Record:
     loading_since: float | None = None  # monotonic: told "ready to start", running its on_ready (loading models)
     beat_at: float | None = None  # monotonic: the last heartbeat of this instance, for the gap between two of them
     max_gap: float = 0.0  # the longest such gap seen since the twin started (seconds): how near the deadline it came
+    speaks: dict[str, int] = field(default_factory=dict)  # message type -> version, as its instance registered them
+    conflicts: list[VersionConflict] = field(default_factory=list)  # types it cannot exchange with the rest
 
 
 def _is_loopback(bind: str) -> bool:
@@ -181,6 +184,7 @@ class DigitalTwin(Agent):
         me = self.records[self.name]
         me.instance, me.pid, me.started_at, me.last_seen = self.instance, os.getpid(), time.time(), time.monotonic()
         me.reported = me.state = AgentState.READY
+        me.speaks = versions()
         self.state = AgentState.READY
         self.metrics.state.state(self.state)
         interval = cfg.mesh.heartbeat_interval_s
@@ -232,11 +236,13 @@ class DigitalTwin(Agent):
         rec.instance, rec.pid, rec.last_seen = msg.instance, msg.pid, time.monotonic()
         rec.kind_name = msg.kind
         rec.reported = reported
+        rec.speaks = dict(msg.speaks)
+        self._compare_versions(rec)
         self._heard_from(rec.host)
         rec.waiting_on = self._waiting_on(rec)
         self._refresh(rec, reason)
         return Registered(waiting_on=rec.waiting_on, heartbeat_interval_s=self.config.mesh.heartbeat_interval_s,
-                          restarts=rec.restarts)
+                          restarts=rec.restarts, conflicts=rec.conflicts)
 
     @handles(Heartbeat)
     def heartbeat(self, msg: Heartbeat, env: Envelope) -> HeartbeatAck:
@@ -282,6 +288,7 @@ class DigitalTwin(Agent):
         rec = self._record(msg.agent)
         if rec.instance == msg.instance:
             rec.reported, rec.last_seen = AgentState.STOPPED, None
+            self._compare_versions(rec)   # what it spoke no longer conflicts with anyone
             self._refresh(rec, msg.reason or "deregistered")
         return Ack()
 
@@ -300,7 +307,7 @@ class DigitalTwin(Agent):
                 depends_on=rec.depends_on, waiting_on=rec.waiting_on if rec.state == AgentState.WAITING else [],
                 last_heartbeat_age_s=None if rec.last_seen is None else round(now - rec.last_seen, 3),
                 uptime_s=round(time.time() - rec.started_at, 1) if live and rec.started_at else None,
-                restarts=rec.restarts, pid=rec.pid, stats=rec.stats, detail=rec.note))
+                restarts=rec.restarts, pid=rec.pid, stats=rec.stats, detail=self._detail(rec)))
         hosts = []
         for host, state in self.host_states.items():
             mine = [r for r in self.records.values() if r.host == host]
@@ -308,6 +315,40 @@ class DigitalTwin(Agent):
                                     ready=sum(r.state in READY_STATES for r in mine)))
         return StatusReply(mesh=self.config.mesh.name, mesh_state=self.mesh_state(),
                            twin_uptime_s=round(time.time() - self.started, 1), agents=agents, hosts=hosts)
+
+    # --- schema versions -------------------------------------------------------------------------
+
+    def _compare_versions(self, rec: Record) -> None:
+        """What `rec` speaks against every other agent that registered what it speaks (the twin included, and the
+        dead: they may come back; not the stopped): a type both know at different versions is a conflict, kept
+        on both sides (each one's status shows it) and logged once for the registering agent."""
+        before = {r.agent: r.conflicts for r in self.records.values()}
+        for other in self.records.values():
+            other.conflicts = self._conflicts_of(other)
+        if rec.conflicts:
+            self.log.warning("%s cannot exchange these message types with the rest of the mesh (versions differ): %s",
+                             rec.agent, "; ".join(c.describe() for c in rec.conflicts))
+        if any(r.conflicts != before[r.agent] for r in self.records.values()):
+            self._snapshot_soon()
+
+    def _conflicts_of(self, rec: Record) -> list[VersionConflict]:
+        if not rec.speaks or rec.reported == AgentState.STOPPED:
+            return []
+        others = [r for r in self.records.values() if r is not rec and r.speaks and r.instance is not None
+                  and r.reported != AgentState.STOPPED]
+        out = []
+        for type_name, version in sorted(rec.speaks.items()):
+            peers = {r.agent: r.speaks[type_name] for r in others if r.speaks.get(type_name, version) != version}
+            if peers:
+                out.append(VersionConflict(message_type=type_name, version=version, peers=peers))
+        return out
+
+    def _detail(self, rec: Record) -> str:
+        """What status shows of an agent: its version conflicts first, then its note."""
+        if not rec.conflicts:
+            return rec.note
+        said = "version conflict: " + "; ".join(c.describe() for c in rec.conflicts)
+        return f"{said}; {rec.note}" if rec.note else said
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -538,7 +579,7 @@ class DigitalTwin(Agent):
                 "msgs_per_s": round(rec.rate, 2) if live else 0.0,
                 "errors": rec.stats.errors, "errors_per_s": round(rec.error_rate, 3) if live else 0.0,
                 "detail": (f"starting up (on_ready) for {now - rec.loading_since:.0f}s" if rec.loading_since is not None
-                           else rec.note), "gauges": rec.stats.gauges if live else {},
+                           else self._detail(rec)), "gauges": rec.stats.gauges if live else {},
             })
         hosts = []
         for host, state in self.host_states.items():
