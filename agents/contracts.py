@@ -38,6 +38,21 @@ class CrawlStatusRequest(Message):
     type_name: ClassVar[str] = "crawl.status"
 
 
+class ExtractorLoad(BaseModel):
+    """One extractor the coordinator hands pages to (a replica of a pool, or the one extractor), in CrawlStatus."""
+
+    agent: str
+    host: str
+    usable: bool = True          # gets pages now
+    why_not: str = ""            # why it does not: the twin's verdict, its host unreachable, no answer, a backoff
+    in_flight: int = 0           # pages in its hands, not yet acknowledged
+    credit: int = 0              # handoff_window minus in_flight (0 at least)
+    acknowledged: int = 0        # pages it stored for this coordinator since it started
+    lost: int = 0                # times it was given up with pages in its hands (they went to another replica)
+    lost_at: float | None = None     # unix time it was last given up so
+    handon_s: float | None = None    # then, seconds until every page it held was sent to another replica
+
+
 class CrawlStatus(Message):
     type_name: ClassVar[str] = "crawl.status_reply"
     queued: int = 0
@@ -60,6 +75,7 @@ class CrawlStatus(Message):
     learner_unscored: int | None = None
     waiting_for_learner: bool = False
     learner_wait_s: float = 0.0
+    extractors: list[ExtractorLoad] = Field(default_factory=list)   # where the pages go, one per extractor
 
 
 class Enqueue(Message):

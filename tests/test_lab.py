@@ -134,7 +134,8 @@ def mesh(lab, tmp_path):
 def test_whole_mesh_split_over_two_hosts(mesh, lab):
     st = mesh.status()
     placed = {a["agent"]: a["host"] for a in st["agents"]}
-    assert placed == {"twin": "mainpc", "probe-mainpc": "mainpc", "probe-pc2": "pc2", "crawler": "pc2", "extractor": "pc2",
+    assert placed == {"twin": "mainpc", "probe-mainpc": "mainpc", "probe-pc2": "pc2", "crawler": "pc2",
+                      "extractor-1": "pc2", "extractor-2": "mainpc",   # the pool `extractor`, one replica a host
                       "topics": "mainpc", "curiosity": "mainpc", "vram": "mainpc", "models": "mainpc"}
     hosts = {h["host"]: h for h in st["hosts"]}
     assert hosts["mainpc"]["state"] == "local" and hosts["pc2"]["state"] == "reachable"

@@ -365,8 +365,11 @@ def test_a_crawl_hands_its_pages_to_a_pool_of_extractors(write_config, run_agent
         with client(cfg, "crawler", timeout=1.0) as c:
             st = wait_for(lambda: (s := c.request(CrawlStatusRequest())).idle and s.done and s, timeout=60,
                           interval=0.1, what="the crawl to finish")
-        # for now every page goes to the pool's first replica (the next slice spreads them by credit)
-        assert crawler.agent.extractor == "extractor-1"
+        # the pages spread by credit over both replicas (tests/test_pool_crawl.py: the spread and failover in full)
+        assert list(crawler.agent.replicas) == ["extractor-1", "extractor-2"]
+        loads = {e.agent: e for e in st.extractors}
+        assert set(loads) == {"extractor-1", "extractor-2"}
+        assert sum(e.acknowledged for e in loads.values()) == st.documents
         docs = open_docstore(cfg.store_url("documents"))
         try:
             assert st.documents > 0 and docs.count() == st.documents

@@ -42,6 +42,7 @@ from agents.contracts import (
     CrawlStatus,
     CrawlStatusRequest,
     DocScored,
+    ExtractorLoad,
     Enqueue,
     EnqueueResult,
     ExtractPage,
@@ -55,12 +56,13 @@ from agents.crawler.frontier import Entry, Frontier, FrontierUnavailable, open_f
 from agents.crawler.rawstore import FetchRecord, RawMissing, RawStore
 from agents.urls import BadURL, host_of, normalize, origin_of
 from mesh.config import AgentRef, ConfigError, MeshConfig
-from mesh.messages import StateChanged
-from mesh.runtime import Agent, AgentSettings, handles
+from mesh.messages import HostChanged, StateChanged
+from mesh.messages import HostState as LinkState
+from mesh.runtime import READY_STATES, Agent, AgentSettings, handles
 from network.codec import Envelope
-from network.messages import AgentState
+from network.messages import AgentState, Ping
 from network.reactor import Timer
-from network.rpc import Deferred, MeshError
+from network.rpc import Deferred, MeshError, Peer
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 POP_PAUSE_S = 1.0    # every host's buffer was full: take only what busy hosts have room for, for this long
@@ -90,7 +92,8 @@ class CrawlSettings(AgentSettings):
         description="media types downloaded and handed to the extractor; others are recorded as skipped")
     stay_on_seed_hosts: bool = Field(True, description="follow links only to the hosts of the seeds (and of crawl.enqueue)")
     extractor: AgentRef("extractor") = Field("extractor", description="the agent that extracts and stores fetched pages")
-    handoff_window: int = Field(16, ge=1, le=1024, description="pages sent to the extractor and not yet acknowledged")
+    handoff_window: int = Field(16, ge=1, le=1024, description="pages sent to an extractor (to each replica of a "
+                                "pool) and not yet acknowledged: its credit")
     handoff_timeout_s: float = Field(60.0, gt=0, description="wait for an acknowledgement before delivering again")
     robots_retry_s: float = Field(30.0, gt=0, description="wait before asking again for an unreachable robots.txt")
     max_crawl_delay_s: float = Field(30.0, ge=0, description="ceiling on a site's Crawl-delay")
@@ -126,6 +129,42 @@ def _insert_by_priority(queue: collections.deque, entry: Entry) -> None:
             queue.insert(i, entry)
             return
     queue.append(entry)
+
+
+@dataclass
+class Replica:
+    """An extractor the pages go to (a replica of the pool `extractor` names, or the one extractor), as the
+    coordinator sees it: the pages in its hands, and whether it gets more."""
+    name: str
+    host: str
+    sent: dict[str, Entry] = field(default_factory=dict)   # URL -> page in its hands, not yet acknowledged
+    down: str = ""                # the twin's verdict when it is not ready ("" while it is ready or unknown)
+    host_down: bool = False       # the twin reports its host unreachable
+    cut: bool = False             # nothing from it (mesh.ping, pages) for the twin's dead time
+    backoff: float = 0.0          # after an error answer: no pages for this long (doubling, 0.5 s to 10 s)
+    paused_until: float = 0.0     # monotonic
+    acknowledged: int = 0
+    lost: int = 0                 # times given up with pages in its hands
+    lost_at: float | None = None  # unix: the last time
+    lost_mono: float = 0.0
+    handon_s: float | None = None     # then, seconds until every page it held was sent to another replica
+    heard: float = 0.0            # monotonic: its last answer of any kind
+    probing: bool = False         # a mesh.ping is out
+    probe_sent: float = 0.0
+    prober: Peer | None = None    # the connection the pings go on
+
+    @property
+    def usable(self) -> bool:
+        return not (self.down or self.host_down or self.cut)
+
+    def why_not(self, now: float) -> str:
+        if self.down:
+            return self.down
+        if self.host_down:
+            return f"host {self.host} unreachable"
+        if self.cut:
+            return "no answer"
+        return f"backing off {self.paused_until - now:.1f} s" if now < self.paused_until else ""
 
 
 @dataclass
@@ -168,9 +207,16 @@ class CrawlCoordinator(Agent):
         self.pop_after = 0.0        # monotonic: when to take URLs from the frontier again (POP_PAUSE_S)
         self.in_flight: dict[str, Entry] = {}
         self.handoff: collections.deque[tuple[Entry, FetchResult | None]] = collections.deque()
-        self.handoff_sent: dict[str, Entry] = {}
-        self.handoff_backoff = 0.0
-        self.handoff_paused_until = 0.0
+        self.handoff_sent: dict[str, str] = {}    # URL -> the replica that holds it
+        self.handoff_paused_until = 0.0           # every hand-off waits (the frontier did not take an outcome)
+        # Where the pages go: the extractor, or every replica of the pool it names, each with its credit (see
+        # _pick). One extractor behaves as it always did; with two or more, the twin's verdicts and the
+        # coordinator's own pings decide which replicas get pages (_on_agent_state, _on_host, _probe).
+        self.replicas: dict[str, Replica] = {n: Replica(n, config.host_of(n)) for n in config.replicas_of(s.extractor)}
+        self.spread = len(self.replicas) > 1
+        self.handing_on: dict[str, Replica] = {}   # URL -> the replica given up on that held it, until it is sent on
+        self.late_answers = 0                      # answers from a replica that no longer held the page: ignored
+        self._probe_timer: Timer | None = None
         self.budget_used = 0
         self.pages = 0
         self.documents = 0
@@ -179,9 +225,6 @@ class CrawlCoordinator(Agent):
         self._local = threading.local()
         self._zstd = zstandard.ZstdCompressor(level=3)
         self._running = False
-        # The extractor every page goes to: with a pool (`replicas:`), its first replica, for now. The next slice of
-        # pools replaces this: pages spread by credit over config.replicas_of(s.extractor).
-        self.extractor: str = config.replicas_of(s.extractor)[0]
         # pacing by the learner (see the module docstring)
         learner = s.learner if s.learner != "auto" else config.agent_of_kind("topic_model")
         learner = config.replicas_of(learner)[0] if learner else None   # a pool of learners: its first, for now
@@ -202,6 +245,8 @@ class CrawlCoordinator(Agent):
     def setup(self) -> None:
         if self.uses_twin:   # the twin says when the extractor dies or restarts: the pages it held are lost then
             self.subscribe(self.config.twin, StateChanged.type_name, self._on_agent_state, StateChanged)
+            if self.spread:
+                self.subscribe(self.config.twin, HostChanged.type_name, self._on_host, HostChanged)
         if self.learner is not None:
             self.subscribe(self.learner, DocScored.type_name, self._on_scored, DocScored)
 
@@ -219,6 +264,11 @@ class CrawlCoordinator(Agent):
                                max_connections=max(s.concurrency, 4), postprocess=self._store_fetch)
         self.fetcher.start()
         self._running = True
+        if self.spread:
+            now = time.monotonic()
+            for rep in self.replicas.values():
+                rep.heard = now
+            self._probe()
         self.log.info("crawl: %d seed(s) (%d new), frontier %s, %d requeued after a stop, %d page(s) to hand off "
                       "again, budget %d/%d used", len(self.seeds), len(added), stats, recovered, len(self.handoff),
                       self.budget_used, s.max_pages)
@@ -236,6 +286,13 @@ class CrawlCoordinator(Agent):
                           len(waiting), len(self.handoff) + len(self.handoff_sent))
 
     def close(self) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        for rep in self.replicas.values():
+            if rep.prober is not None:
+                rep.prober.close()
+                rep.prober = None
         super().close()
         if self.fetcher is not None:
             self.fetcher.close()
@@ -283,7 +340,7 @@ class CrawlCoordinator(Agent):
             # the last look found every host's buffer full: until POP_PAUSE_S is over, take only what the
             # hosts at work have room for (a look as wide as `room` finds other hosts' URLs)
             room = min(room, sum(cap - len(hs.queue) for hs in self.hosts.values() if hs.queue or hs.active))
-        if room > 0 and backlog < 4 * s.handoff_window:
+        if room > 0 and backlog < (3 + len(self.replicas)) * s.handoff_window:   # 4 windows with one extractor
             try:
                 popped = self.frontier.pop(room)
                 self.recovered("frontier")
@@ -511,7 +568,22 @@ class CrawlCoordinator(Agent):
     def _in_scope(self, url: str) -> bool:
         return not self.settings.stay_on_seed_hosts or host_of(url) in self.scope
 
-    # --- hand-off to the extractor ----------------------------------------------------------
+    # --- hand-off to the extractors ---------------------------------------------------------
+
+    def _pick(self, now: float, *, over_window: bool = False) -> Replica | None:
+        """The extractor the next page goes to: of those that get pages and are not backing off, one with credit
+        (handoff_window minus its pages in flight), on this host first, then the least loaded (the ZMQ guide's
+        load balancing: work goes where there is room for it). `over_window`: a page a lost replica held, which
+        goes on at once, credit or not."""
+        window = self.settings.handoff_window
+        best, best_key = None, None
+        for rep in self.replicas.values():
+            if not rep.usable or now < rep.paused_until or (len(rep.sent) >= window and not over_window):
+                continue
+            key = (rep.host != self.host, len(rep.sent))
+            if best_key is None or key < best_key:
+                best, best_key = rep, key
+        return best
 
     def _pump_handoff(self) -> None:
         s = self.settings
@@ -519,22 +591,32 @@ class CrawlCoordinator(Agent):
         if now < self.handoff_paused_until:
             self._wake_at(self.handoff_paused_until)
             return
-        peer = self.peer(self.extractor)
-        while self.handoff and len(self.handoff_sent) < s.handoff_window:
+        limit = self.config.mesh.max_frame_bytes - FRAME_OVERHEAD
+        while self.handoff:
+            rep = self._pick(now, over_window=self.handoff[0][0].url in self.handing_on)
+            if rep is None:
+                paused = [r.paused_until for r in self.replicas.values() if r.usable and r.paused_until > now]
+                if paused:
+                    self._wake_at(min(paused))
+                return
             entry, r = self.handoff.popleft()
+            lost = self.handing_on.pop(entry.url, None)
             msg = self._page_message(entry, r)
-            if msg is None:
-                continue
-            limit = self.config.mesh.max_frame_bytes - FRAME_OVERHEAD
-            if len(msg.body_zstd) > limit:
+            if msg is not None and len(msg.body_zstd) > limit:
                 self._finish(entry, ok=False, outcome="failed", status=msg.status,
                              error=f"compressed body of {len(msg.body_zstd)} bytes does not fit a mesh frame "
                                    f"(mesh.max_frame_bytes {self.config.mesh.max_frame_bytes}): not handed off")
-                continue
-            self.handoff_sent[entry.url] = entry
-            peer.request(msg, lambda reply, e=entry, status=msg.status: self._stored(e, reply, status),
-                         lambda exc, e=entry, r=r: self._handoff_failed(e, r, exc),
-                         timeout=s.handoff_timeout_s, retries=0)
+                msg = None
+            if msg is not None:
+                rep.sent[entry.url] = entry
+                self.handoff_sent[entry.url] = rep.name
+                self.peer(rep.name).request(
+                    msg, lambda reply, e=entry, status=msg.status, rep=rep: self._stored(e, reply, status, rep),
+                    lambda exc, e=entry, r=r, rep=rep: self._handoff_failed(e, r, exc, rep),
+                    timeout=s.handoff_timeout_s, retries=0)
+            if lost is not None and lost not in self.handing_on.values():
+                lost.handon_s = round(now - lost.lost_mono, 3)
+                self.log.info("handed on every page extractor %s held in %.2f s", lost.name, lost.handon_s)
 
     def _page_message(self, entry: Entry, r: FetchResult | None) -> ExtractPage | None:
         if r is None or r.body_zstd is None:  # delivered again after a restart: read it back
@@ -552,12 +634,25 @@ class CrawlCoordinator(Agent):
                            content_type=r.content_type, content_hash=r.content_hash or "", fetched_at=r.fetched_at,
                            depth=entry.depth, truncated=r.truncated, body_zstd=r.body_zstd)
 
-    def _stored(self, entry: Entry, reply: PageStored, status: int) -> None:
-        if self.handoff_sent.pop(entry.url, None) is None or self.frontier is None:
+    def _release(self, entry: Entry, rep: Replica) -> bool:
+        """Takes the page out of `rep`'s hands; False if it is not there: an answer from a replica given up on
+        (the page went to another, whose answer counts) or one already answered. Such a late answer is harmless:
+        the extractor's upsert by URL stored the page once ('unchanged' the second time), and it is not counted."""
+        if self.handoff_sent.get(entry.url) != rep.name:
+            self.late_answers += 1
+            return False
+        del self.handoff_sent[entry.url]
+        rep.sent.pop(entry.url, None)
+        return True
+
+    def _stored(self, entry: Entry, reply: PageStored, status: int, rep: Replica) -> None:
+        rep.heard = time.monotonic()
+        if not self._release(entry, rep) or self.frontier is None:
             return
-        if self.handoff_backoff:
-            self.log.info("extractor %s answers again", self.extractor)
-        self.handoff_backoff = 0.0
+        rep.acknowledged += 1
+        if rep.backoff:
+            self.log.info("extractor %s answers again", rep.name)
+        rep.backoff = 0.0
         depth = entry.depth + 1
         try:
             if depth <= self.settings.max_depth and reply.outlinks:
@@ -585,10 +680,13 @@ class CrawlCoordinator(Agent):
         self._pump()
 
     def _on_agent_state(self, event: StateChanged, env: Envelope) -> None:
-        """The extractor died or stopped (the twin missed its heartbeats, or it deregistered), or a new process of it
+        """An extractor died or stopped (the twin missed its heartbeats, or it deregistered), or a new process of it
         registered before that was seen (ready -> starting): the pages the old process held went with it. They are
         delivered again now, not after handoff_timeout_s; a reply the old process still sends is ignored, and storing
-        a page twice is harmless. (Unreachable is not gone: a partitioned extractor may still answer.)"""
+        a page twice is harmless. With one extractor, unreachable is not gone (a partitioned extractor may still
+        answer, and there is no other). With a pool, a replica that is anything but ready or degraded (dead,
+        stopped, unreachable, starting again) gets no pages, and the pages in its hands go to the others at once;
+        ready again, it gets credit again."""
         state, previous = AgentState(event.state), AgentState(event.previous)
         gone = (AgentState.DEAD, AgentState.STOPPED)
         if event.agent == self.learner:
@@ -596,31 +694,125 @@ class CrawlCoordinator(Agent):
             if self._running:
                 self._pump()
             return
-        if event.agent != self.extractor or self.frontier is None:
+        rep = self.replicas.get(event.agent)
+        if rep is None or self.frontier is None:
             return
-        if state in gone or (state == AgentState.STARTING and previous not in (*gone, AgentState.DECLARED)):
-            n = self.peer(self.extractor).fail_pending(
-                MeshError("peer_lost", f"the extractor is {state} ({event.reason or 'reported by the twin'})"))
-            if n:
-                self.log.warning("extractor %s is %s (%s) with %d page(s) in its hands: delivering them again",
-                                 self.extractor, state, event.reason, n)
+        if not self.spread:
+            if state in gone or (state == AgentState.STARTING and previous not in (*gone, AgentState.DECLARED)):
+                n = self.peer(rep.name).fail_pending(
+                    MeshError("peer_lost", f"the extractor is {state} ({event.reason or 'reported by the twin'})"))
+                if n:
+                    self.log.warning("extractor %s is %s (%s) with %d page(s) in its hands: delivering them again",
+                                     rep.name, state, event.reason, n)
+            return
+        if state in READY_STATES:
+            if rep.down:
+                self.log.info("extractor %s is %s again: it gets pages", rep.name, state)
+                rep.down, rep.backoff, rep.paused_until = "", 0.0, 0.0
+                self._pump()
+            return
+        rep.down = f"{state} ({event.reason})" if event.reason else str(state)
+        self._lose(rep, f"{state} ({event.reason or 'reported by the twin'})")
 
-    def _handoff_failed(self, entry: Entry, r: FetchResult | None, exc: MeshError) -> None:
-        if self.handoff_sent.pop(entry.url, None) is None or self.frontier is None:
+    def _on_host(self, event: HostChanged, env: Envelope) -> None:
+        """The twin's verdict on a host (pool only): the replicas of an unreachable host get no pages, and what they
+        held goes to the others; reachable again, they get credit again."""
+        down = event.state == LinkState.UNREACHABLE
+        for rep in self.replicas.values():
+            if rep.host != event.host or rep.host_down == down:
+                continue
+            rep.host_down = down
+            if down:
+                self._lose(rep, f"on host {event.host}, which the twin reports unreachable")
+            else:
+                self.log.info("extractor %s: its host %s is reachable again", rep.name, event.host)
+                self._pump()
+
+    def _lose(self, rep: Replica, why: str) -> None:
+        """`rep` gets no pages now; the pages in its hands are failed at once (peer_lost) and go to the front of the
+        queue, for the other replicas, without waiting for handoff_timeout_s. A reply it still sends is dropped."""
+        if not rep.sent:
+            self.log.info("extractor %s gets no pages: it is %s", rep.name, why)
+            return
+        rep.lost += 1
+        rep.lost_at, rep.lost_mono, rep.handon_s = time.time(), time.monotonic(), None
+        self.log.warning("extractor %s is %s with %d page(s) in its hands: handing them to the other replicas",
+                         rep.name, why, len(rep.sent))
+        self.peer(rep.name).fail_pending(MeshError("peer_lost", f"extractor {rep.name} is {why}"))
+        if self._running:
+            self._pump()
+
+    def _probe(self) -> None:
+        """Pool only: a mesh.ping to each replica every heartbeat interval, on a connection of its own (the
+        Paranoid Pirate's heartbeat: the extractor's loop answers it at once, whatever its workers do). A replica
+        heard from by nothing (ping or page) for the twin's dead time is given up: the coordinator may not hear the
+        twin at all when the link to the replica's host is cut (the twin on that side), and it must not wait for
+        handoff_timeout_s. The first answer after that gives it credit again."""
+        self._probe_timer = None
+        if not self._running:
+            return
+        now = time.monotonic()
+        mesh = self.config.mesh
+        dead_after = mesh.heartbeat_interval_s * mesh.dead_after_missed
+        for rep in self.replicas.values():
+            if not rep.cut and now - rep.heard > dead_after:
+                rep.cut = True
+                self._lose(rep, f"unreachable (no answer for {now - rep.heard:.1f} s)")
+            if rep.probing or now - rep.probe_sent < mesh.heartbeat_interval_s:
+                continue
+            rep.probing, rep.probe_sent = True, now
+            self._probe_peer(rep).request(Ping(), lambda reply, rep=rep: self._probed(rep, True),
+                                          lambda exc, rep=rep: self._probed(rep, False),
+                                          timeout=dead_after, retries=0)
+        self._probe_timer = self.reactor.call_later(mesh.heartbeat_interval_s / 4, self._probe)
+
+    def _probed(self, rep: Replica, answered: bool) -> None:
+        rep.probing = False
+        if not answered:
+            return
+        rep.heard = time.monotonic()
+        if rep.cut:
+            rep.cut = False
+            self.log.info("extractor %s answers again: it gets pages", rep.name)
+            if self._running:
+                self._pump()
+
+    def _probe_peer(self, rep: Replica) -> Peer:
+        if rep.prober is None:
+            rep.prober = Peer(self.ctx, self.reactor, self.config.endpoint(rep.name, "rpc"), sender=self.name,
+                              metrics=self.metrics, guard=self.guard, server_host=rep.host, retries=0,
+                              max_frame_bytes=self.config.mesh.max_frame_bytes)
+        return rep.prober
+
+    def _handoff_failed(self, entry: Entry, r: FetchResult | None, exc: MeshError, rep: Replica) -> None:
+        if not self._release(entry, rep) or self.frontier is None:
             return
         if exc.code in PERMANENT_ERRORS:
-            self.log.error("extractor %s refused %s for good: %s: %s", self.extractor, entry.url, exc.code,
-                           exc.message)
+            self.log.error("extractor %s refused %s for good: %s: %s", rep.name, entry.url, exc.code, exc.message)
             self._finish(entry, ok=False, outcome="failed", error=f"extractor refused it: {exc.code}: {exc.message}"[:500])
             self._pump()
             return
         self.handoff.appendleft((entry, r))
-        if not self.handoff_backoff:
+        if self.spread and exc.code == "peer_lost":   # given up on: another replica takes it now (_lose pumps)
+            self.handing_on[entry.url] = rep
+            return
+        if not rep.backoff:
             self.log.warning("extractor %s did not store %s (%s): keeping the page(s), delivering again",
-                             self.extractor, entry.url, exc.message)
-        self.handoff_backoff = min(max(self.handoff_backoff * 2, 0.5), 10.0)
-        self.handoff_paused_until = time.monotonic() + self.handoff_backoff
-        self._wake_at(self.handoff_paused_until)
+                             rep.name, entry.url, exc.message)
+        rep.backoff = min(max(rep.backoff * 2, 0.5), 10.0)
+        rep.paused_until = time.monotonic() + rep.backoff
+        if self.spread:   # the others take it meanwhile
+            self._pump()
+        else:
+            self._wake_at(rep.paused_until)
+
+    def _loads(self) -> list[ExtractorLoad]:
+        now, window = time.monotonic(), self.settings.handoff_window
+        return [ExtractorLoad(agent=rep.name, host=rep.host, usable=rep.usable and now >= rep.paused_until,
+                              why_not=rep.why_not(now), in_flight=len(rep.sent),
+                              credit=max(0, window - len(rep.sent)), acknowledged=rep.acknowledged, lost=rep.lost,
+                              lost_at=rep.lost_at, handon_s=rep.handon_s)
+                for rep in self.replicas.values()]
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -629,18 +821,21 @@ class CrawlCoordinator(Agent):
             raise MeshError("unavailable", f"crawl coordinator {self.name!r} is not ready yet")
 
     def gauges(self) -> dict[str, float]:
+        """The crawl's figures; with a pool, also each replica's pages in flight (`handoff_in_flight:NAME`)."""
         # runs while the heartbeat is built: state changes wait for the reactor's next turn
+        per_replica = {f"handoff_in_flight:{rep.name}": len(rep.sent) for rep in self.replicas.values()} \
+            if self.spread else {}
         try:
             st = self.frontier.stats()
         except FrontierUnavailable as exc:
             self.reactor.call_later(0, lambda e=exc: self.degraded("frontier", e))
             return {"fetched": self.pages, "documents": self.documents, "in_flight": len(self.in_flight),
-                    "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts), **self._pacing()}
+                    "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts), **self._pacing(), **per_replica}
         if self.state == AgentState.DEGRADED:
             self.reactor.call_later(0, lambda: self.recovered("frontier"))
         return {"frontier_queued": st["queued"], "frontier_seen": st["seen"], "fetched": self.pages,
                 "failed": st["failed"], "documents": self.documents, "in_flight": len(self.in_flight),
-                "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts), **self._pacing()}
+                "handoff_in_flight": len(self.handoff_sent), "hosts": len(self.hosts), **self._pacing(), **per_replica}
 
     def _pacing(self) -> dict[str, float]:
         """Gauges of the pacing by the learner (none without a learner)."""
@@ -663,7 +858,7 @@ class CrawlCoordinator(Agent):
                            handoff_in_flight=len(self.handoff_sent), documents=self.documents, budget_left=budget_left,
                            idle=bool(idle), hosts=len(self.hosts), learner=self.learner, learner_unscored=self.unscored,
                            waiting_for_learner=self.waiting_since is not None,
-                           learner_wait_s=self._pacing().get("learner_wait_s", 0.0))
+                           learner_wait_s=self._pacing().get("learner_wait_s", 0.0), extractors=self._loads())
 
     @handles(Enqueue)
     def on_enqueue(self, msg: Enqueue, env: Envelope) -> EnqueueResult:

@@ -32,6 +32,13 @@ def crawl_status(config: str = ConfigOpt, agent: Optional[str] = CoordinatorOpt,
                   f"budget left {st.budget_left}\n  frontier: {st.queued} queued, {st.leased} leased, "
                   f"{st.fetched} waiting for the extractor, {st.done} done, {st.failed} failed ({st.seen} seen, "
                   f"{st.hosts} host(s)); {st.in_flight} fetch(es) and {st.handoff_in_flight} hand-off(s) under way")
+    if len(st.extractors) > 1 or any(not e.usable for e in st.extractors):
+        console.print("  extractors: " + "; ".join(
+            f"{e.agent} @ {e.host} {e.in_flight} in hand, {e.acknowledged} stored"
+            + (f", [yellow]no pages: {e.why_not}[/]" if not e.usable else "")
+            + (f", given up {e.lost}x (pages handed on in {e.handon_s:.2f} s)" if e.lost and e.handon_s is not None
+               else f", given up {e.lost}x" if e.lost else "")
+            for e in st.extractors))
     if st.learner:
         unscored = "not heard from yet" if st.learner_unscored is None else f"{st.learner_unscored} unscored"
         console.print(f"  paced by the learner {st.learner} ({unscored}); new fetches waited {st.learner_wait_s:.0f} s "

@@ -548,7 +548,7 @@ class Chaos:
 
     def kill_agent(self, name: str) -> Fault:
         self.wait("every agent ready", self.all_ready, RECOVER_TIMEOUT_S, interval=0.5)
-        crawling = self.fetching() if name in ("crawler", "extractor") else None
+        crawling = self.fetching() if name == "crawler" or name.startswith("extractor") else None
         agents = self.wait("every agent ready", self.all_ready, RECOVER_TIMEOUT_S, interval=0.5)
         pid = agents[name]["pid"]
         f, before = self.begin(f"SIGKILL {name} ({agents[name]['kind']})", name)
@@ -588,7 +588,7 @@ class Chaos:
         else:
             f, before = self.begin("PostgreSQL stopped (immediate) and restarted", "postgresql (documents)", busy=True)
             self.stores.stop_postgres("immediate")
-            users = ("extractor", "topics")
+            users = ("extractor-1", "extractor-2", "topics")
         try:
             # down until the twin sees it (an agent degraded, or one that stopped over it), at least STORE_DOWN_S
             deadline = time.monotonic() + DETECT_TIMEOUT_S
@@ -672,7 +672,7 @@ def test_crawl_survives_every_fault_with_no_document_lost_or_duplicated(lab, tmp
         chaos.kill_agent("crawler")
         chaos.restart_store("redis")
         chaos.restart_store("postgres")
-        chaos.kill_agent("extractor")
+        chaos.kill_agent("extractor-1")   # the pool's replica beside the crawler (config/mesh.yaml)
         chaos.kill_agent("topics")
         chaos.kill_agent("curiosity")
         chaos.kill_agent("twin")
