@@ -21,6 +21,10 @@ learner dead or stopped, or when it has been silent for LEARNER_SILENT_S, fetche
 A page is marked done only when the extractor has acknowledged it. Pages still 'fetched' when
 the coordinator stops are read back from the raw store and delivered again when it starts; the
 extractor's upsert makes a repeat harmless, so every fetched page ends in the store exactly once.
+
+Several coordinators may share one Redis frontier (a pool, on several hosts): leases carry the coordinator's name,
+politeness and per_host_concurrency hold per site across all of them (the frontier's shared slot), and one fetches a
+site's robots.txt for all (see agents/crawler/frontier.py and docs/OPERATIONS.md).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from agents.contracts import (
     PrioritizeResult,
 )
 from agents.crawler.fetch import REDIRECTS, Fetcher, FetchResult
-from agents.crawler.frontier import Entry, Frontier, FrontierUnavailable, open_frontier
+from agents.crawler.frontier import Entry, Frontier, FrontierUnavailable, LeaseLost, open_frontier
 from agents.crawler.rawstore import FetchRecord, RawMissing, RawStore
 from agents.urls import BadURL, host_of, normalize, origin_of
 from mesh.config import AgentRef, ConfigError, MeshConfig
@@ -72,6 +76,8 @@ STORE_RETRY_S = 2.0
 PRIORITIZE_SLICE_S = 0.05   # the most one slice of a crawl.prioritize keeps the loop; the next slice waits a turn
 PRIORITIZE_CHUNK = 32       # URLs per frontier call within a slice
 LEARNER_SILENT_S = 60.0     # a learner holding the crawl back that sends no doc.scored for this long no longer does
+SHARED_POLL_S = 0.5         # shared frontier, nothing to do: look again this soon (other coordinators add URLs)
+ROBOTS_POLL_S = 0.2         # shared frontier: look again this soon for a robots.txt another coordinator is fetching
 
 
 class CrawlSettings(AgentSettings):
@@ -103,6 +109,10 @@ class CrawlSettings(AgentSettings):
     max_unscored: int | None = Field(None, ge=0, le=10_000_000, description="no new fetch starts while the learner "
                                      "has more than this many stored documents not yet scored (0: never wait; null: "
                                      "the learner's batch_docs, so one full batch always waits for it)")
+    lease_ttl_s: float = Field(30.0, ge=1, le=3600, description="shared (Redis) frontier: a coordinator that has not "
+                               "said it is alive for this long is dead, and the others take back the URLs it leased")
+    robots_cache_s: float = Field(3600.0, ge=0, le=86400, description="shared (Redis) frontier: how long a site's "
+                                  "robots.txt, fetched by one coordinator, serves the others that start after it")
     host_buffer: int = Field(4, ge=1, le=1024, description="URLs taken from the frontier ahead of time per host (at "
                              "least 2 x per_host_concurrency), in priority order; the rest stay in the frontier, where "
                              "new priorities still reorder them")
@@ -222,6 +232,7 @@ class CrawlCoordinator(Agent):
         self.documents = 0
         self._timer: Timer | None = None
         self._timer_at = float("inf")
+        self._alive_timer: Timer | None = None
         self._local = threading.local()
         self._zstd = zstandard.ZstdCompressor(level=3)
         self._running = False
@@ -252,9 +263,11 @@ class CrawlCoordinator(Agent):
 
     def on_ready(self) -> None:
         s = self.settings
-        self.frontier = open_frontier(self.config.store_url("frontier"), prefix=self.config.stores.frontier_prefix)
+        self.frontier = open_frontier(self.config.store_url("frontier"), prefix=self.config.stores.frontier_prefix,
+                                      owner=self.name)
         self.raw = RawStore(self.config.raw_dir)
-        recovered = self.frontier.recover()
+        self.frontier.keepalive(s.lease_ttl_s)   # alive before taking leases: nobody may reclaim them from now on
+        recovered = self.frontier.recover()      # shared: this coordinator's own leases and dead ones' only
         stats = self.frontier.stats()
         self.budget_used = stats["done"] + stats["failed"] + stats["fetched"]
         added = self.frontier.add(Entry(url=u, depth=0, priority=1.0) for u in self.seeds)
@@ -264,6 +277,8 @@ class CrawlCoordinator(Agent):
                                max_connections=max(s.concurrency, 4), postprocess=self._store_fetch)
         self.fetcher.start()
         self._running = True
+        if self.frontier.shared:
+            self._alive_timer = self.reactor.call_later(s.lease_ttl_s / 3, self._alive)
         if self.spread:
             now = time.monotonic()
             for rep in self.replicas.values():
@@ -285,7 +300,25 @@ class CrawlCoordinator(Agent):
             self.log.info("drained: %d URL(s) back in the frontier, %d page(s) waiting for the extractor",
                           len(waiting), len(self.handoff) + len(self.handoff_sent))
 
+    def _alive(self) -> None:
+        """Shared frontier, every third of lease_ttl_s: says this coordinator is alive (its leases stay its own)
+        and takes back the leases of coordinators that stopped saying so."""
+        self._alive_timer = None
+        if not self._running or self.frontier is None:
+            return
+        try:
+            self.frontier.keepalive(self.settings.lease_ttl_s)
+            if n := self.frontier.reclaim():
+                self.log.warning("took back %d URL(s) leased by coordinator(s) no longer alive", n)
+                self.reactor.call_later(0, self._pump)
+        except FrontierUnavailable as exc:
+            self.degraded("frontier", exc)
+        self._alive_timer = self.reactor.call_later(self.settings.lease_ttl_s / 3, self._alive)
+
     def close(self) -> None:
+        if self._alive_timer is not None:
+            self._alive_timer.cancel()
+            self._alive_timer = None
         if self._probe_timer is not None:
             self._probe_timer.cancel()
             self._probe_timer = None
@@ -375,11 +408,22 @@ class CrawlCoordinator(Agent):
                 if now < hs.next_start:
                     wake = min(wake, hs.next_start)
                     break
-                entry = hs.queue.popleft()
-                self.buffered -= 1
+                entry = hs.queue[0]
                 if not hs.robots.can_fetch(entry.url, s.user_agent):
-                    self._finish(entry, ok=False, error="disallowed by robots.txt", outcome="disallowed")
+                    hs.queue.popleft()
+                    self.buffered -= 1
+                    try:
+                        self._finish(entry, ok=False, error="disallowed by robots.txt", outcome="disallowed")
+                    except LeaseLost as exc:
+                        self.log.warning("%s", exc)
                     continue
+                wait = self._slot(host, entry.url, delay)
+                if wait > 0:   # another coordinator fetched from this site lately, or has its share under way
+                    hs.next_start = now + wait
+                    wake = min(wake, hs.next_start)
+                    break
+                hs.queue.popleft()
+                self.buffered -= 1
                 hs.active += 1
                 hs.next_start = now + delay
                 self.in_flight[entry.url] = entry
@@ -392,8 +436,28 @@ class CrawlCoordinator(Agent):
                 due = time.time() + STORE_RETRY_S
             if due is not None:
                 wake = min(wake, now + max(0.0, due - time.time()) + 0.01)
+            if self.frontier.shared:   # the others' pages bring links this coordinator hears nothing of
+                wake = min(wake, now + SHARED_POLL_S)
         if wake < float("inf"):
             self._wake_at(wake)
+
+    def _slot(self, host: str, url: str, delay: float) -> float:
+        """The site's shared slot (a shared frontier; with SQLite always 0): 0 when a fetch of `url` may start
+        now, else the seconds to wait, so politeness and per_host_concurrency hold for the site across all the
+        coordinators on the frontier, not for each."""
+        s = self.settings
+        try:
+            return self.frontier.take_slot(host, f"{self.name} {url}", delay_s=delay, cap=s.per_host_concurrency,
+                                           hold_s=s.timeout_s + 5.0)
+        except FrontierUnavailable as exc:
+            self.degraded("frontier", exc)
+            return STORE_RETRY_S
+
+    def _free_slot(self, url: str) -> None:
+        try:
+            self.frontier.free_slot(host_of(url), f"{self.name} {url}")
+        except FrontierUnavailable:   # the hold runs out by itself
+            pass
 
     # --- pacing by the learner ----------------------------------------------------------------
 
@@ -425,54 +489,125 @@ class CrawlCoordinator(Agent):
     # --- robots.txt -------------------------------------------------------------------------
 
     def _robots(self, host: str, hs: HostState, now: float) -> float:
-        """Starts or waits for this host's robots.txt; returns when to look again."""
+        """Starts or waits for this host's robots.txt; returns when to look again. On a shared frontier one
+        coordinator fetches it for all (robots_claim) and stores the verdict (robots_store); the others wait for
+        that verdict, or take it from there when they start later."""
         if hs.robots_state == "fetching":
             return float("inf")  # its answer pumps again
         if hs.robots_state == "unavailable" and now < hs.robots_until:
             return hs.robots_until
+        s = self.settings
+        origin = origin_of(hs.queue[0].url)
+        try:
+            cached = self.frontier.robots_cached(origin)
+            if cached is None:
+                claimed = self.frontier.robots_claim(origin, s.timeout_s * 6 + 5.0)
+                wait = self._slot(host, origin + "/robots.txt", s.politeness_s) if claimed else 0.0
+        except FrontierUnavailable as exc:
+            self.degraded("frontier", exc)
+            hs.robots_state, hs.robots_until = "unavailable", now + STORE_RETRY_S
+            return hs.robots_until
+        if cached is not None:
+            self._robots_shared(host, hs, cached)
+            return float("inf")
+        if not claimed or wait > 0:   # another coordinator is fetching it, or fetched from the site just now
+            hs.robots_state, hs.robots_until = "unavailable", now + (wait or ROBOTS_POLL_S)
+            return hs.robots_until
         hs.robots_state = "fetching"
         hs.robots_started = now
-        hs.next_start = now + max(self.settings.politeness_s, hs.crawl_delay)
-        url = origin_of(hs.queue[0].url) + "/robots.txt"
-        self.fetcher.submit(url, lambda r: self._robots_fetched(host, hs, r, 0), max_bytes=512 << 10, store=False,
-                            parse=_parse_robots)
+        hs.next_start = now + max(s.politeness_s, hs.crawl_delay)
+        self.fetcher.submit(origin + "/robots.txt", lambda r: self._robots_fetched(host, hs, r, 0, origin),
+                            max_bytes=512 << 10, store=False, parse=_parse_robots)
         return float("inf")
 
-    def _robots_fetched(self, host: str, hs: HostState, r: FetchResult, hops: int) -> None:
+    def _robots_shared(self, host: str, hs: HostState, verdict: dict[str, str]) -> None:
+        """The verdict another coordinator stored: parsed off the reactor (as a fetched robots.txt is), then
+        applied as if fetched here."""
+        hs.robots_state = "fetching"
+        if verdict.get("state") != "ready":
+            self._robots_unreachable(host, hs, verdict.get("error") or "unreachable", shared=True)
+            self._pump()
+            return
+        status = int(verdict.get("status") or 0)
+
+        def parse() -> Protego | None:
+            return Protego.parse(verdict.get("body", "")) if 200 <= status < 300 else None
+
+        def parsed(robots: Protego | None) -> None:
+            if self._running:
+                self._robots_ready(host, hs, robots, status, shared=True)
+                self._pump()
+
+        self.fetcher.run(parse, parsed)
+
+    def _robots_fetched(self, host: str, hs: HostState, r: FetchResult, hops: int, origin: str) -> None:
         if not self._running:
             return
+        s = self.settings
+        if hops == 0 and self.frontier.shared:
+            self._free_slot(origin + "/robots.txt")
         if r.status in REDIRECTS and r.redirect_to and hops < 5:
-            self.fetcher.submit(r.redirect_to, lambda r2: self._robots_fetched(host, hs, r2, hops + 1),
+            self.fetcher.submit(r.redirect_to, lambda r2: self._robots_fetched(host, hs, r2, hops + 1, origin),
                                 max_bytes=512 << 10, store=False, parse=_parse_robots)
             return
-        if r.error is None and r.status is not None and r.status < 500 and r.status != 429:
-            # parsed on the fetcher's storage thread; 4xx (or a parse that failed): no robots.txt, everything allowed
-            hs.robots = r.parsed if isinstance(r.parsed, Protego) else Protego.parse("")
-            delay = hs.robots.crawl_delay(self.settings.user_agent)
-            hs.crawl_delay = min(float(delay or 0.0), self.settings.max_crawl_delay_s)
-            hs.next_start = max(hs.next_start, hs.robots_started + hs.crawl_delay)  # robots.txt was a request too
-            hs.robots_state, hs.robots_failures = "ready", 0
-            self.log.info("robots.txt of %s: HTTP %s%s", host, r.status,
-                          f", crawl-delay {hs.crawl_delay:g} s" if hs.crawl_delay else "")
-        else:
-            hs.robots_failures += 1
-            hs.robots_error = r.error or f"HTTP {r.status}"
-            if hs.robots_failures > self.settings.max_retries:
-                # RFC 9309: an unreachable robots.txt means nothing may be crawled
-                self.log.warning("robots.txt of %s unreachable (%s): its %d queued URL(s) fail", host, hs.robots_error,
-                                 len(hs.queue))
-                while hs.queue:
-                    self.buffered -= 1
-                    self._finish(hs.queue.popleft(), ok=False, error=f"robots.txt unreachable: {hs.robots_error}",
-                                 outcome="failed")
-                hs.robots_failures = 0
-                hs.robots_state = "unknown"
+        answered = r.error is None and r.status is not None and r.status < 500 and r.status != 429
+        robots = r.parsed if isinstance(r.parsed, Protego) else None
+        try:
+            if answered:
+                ok = 200 <= r.status < 300
+                self.frontier.robots_store(origin, {
+                    "state": "ready", "status": str(r.status),
+                    "body": (r.body or b"").decode("utf-8", errors="replace") if ok else ""}, s.robots_cache_s)
+                self._robots_ready(host, hs, robots, r.status)
             else:
-                hs.robots_state = "unavailable"
-                hs.robots_until = time.monotonic() + self.settings.robots_retry_s * hs.robots_failures
-                self.log.info("robots.txt of %s: %s; asking again in %.0f s", host, hs.robots_error,
-                              hs.robots_until - time.monotonic())
+                hs.robots_failures += 1
+                hs.robots_error = r.error or f"HTTP {r.status}"
+                if hs.robots_failures > s.max_retries:
+                    # the others fail their URLs of this site too, until it may be asked again
+                    self.frontier.robots_store(origin, {"state": "unreachable", "error": hs.robots_error},
+                                               s.robots_retry_s)
+                    self._robots_unreachable(host, hs, hs.robots_error)
+                else:   # nobody else asks it meanwhile
+                    self.frontier.robots_claim(origin, s.robots_retry_s * hs.robots_failures + s.timeout_s * 6 + 5.0)
+                    hs.robots_state = "unavailable"
+                    hs.robots_until = time.monotonic() + s.robots_retry_s * hs.robots_failures
+                    self.log.info("robots.txt of %s: %s; asking again in %.0f s", host, hs.robots_error,
+                                  hs.robots_until - time.monotonic())
+        except FrontierUnavailable as exc:   # the verdict holds here; others ask again once the claim runs out
+            self.degraded("frontier", exc)
+            if answered:
+                self._robots_ready(host, hs, robots, r.status)
+            else:
+                hs.robots_state, hs.robots_until = "unavailable", time.monotonic() + STORE_RETRY_S
         self._pump()
+
+    def _robots_ready(self, host: str, hs: HostState, robots: Protego | None, status: int, *,
+                      shared: bool = False) -> None:
+        """A robots.txt answer that settles it: 2xx parsed (or a parse that failed) or 4xx, where everything is
+        allowed."""
+        hs.robots = robots if robots is not None else Protego.parse("")
+        delay = hs.robots.crawl_delay(self.settings.user_agent)
+        hs.crawl_delay = min(float(delay or 0.0), self.settings.max_crawl_delay_s)
+        if not shared:
+            hs.next_start = max(hs.next_start, hs.robots_started + hs.crawl_delay)  # robots.txt was a request too
+        hs.robots_state, hs.robots_failures = "ready", 0
+        self.log.info("robots.txt of %s: HTTP %s%s%s", host, status,
+                      f", crawl-delay {hs.crawl_delay:g} s" if hs.crawl_delay else "",
+                      " (fetched by another coordinator)" if shared else "")
+
+    def _robots_unreachable(self, host: str, hs: HostState, error: str, *, shared: bool = False) -> None:
+        # RFC 9309: an unreachable robots.txt means nothing may be crawled
+        self.log.warning("robots.txt of %s unreachable (%s%s): its %d queued URL(s) fail", host, error,
+                         ", says another coordinator" if shared else "", len(hs.queue))
+        while hs.queue:
+            self.buffered -= 1
+            try:
+                self._finish(hs.queue.popleft(), ok=False, error=f"robots.txt unreachable: {error}",
+                             outcome="failed")
+            except LeaseLost as exc:
+                self.log.warning("%s", exc)
+        hs.robots_failures = 0
+        hs.robots_state = "unknown"
 
     # --- fetch results ----------------------------------------------------------------------
 
@@ -498,8 +633,12 @@ class CrawlCoordinator(Agent):
         hs.active -= 1
         if r.status is not None:
             self.pages += 1
+        if self.frontier.shared:
+            self._free_slot(entry.url)
         try:
             self._outcome(entry, r)
+        except LeaseLost as exc:   # cut off from Redis past lease_ttl_s: another coordinator has the URL now
+            self.log.warning("%s: its outcome is dropped", exc)
         except FrontierUnavailable as exc:
             # the frontier did not take the outcome, so the URL is still leased there: fetch it again once the
             # frontier answers (else it would stay leased, never fetched, until the coordinator restarts)

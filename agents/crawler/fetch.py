@@ -278,6 +278,23 @@ class Fetcher:
                 log.exception("parsing the fetch of %s failed", url)
         self.reactor.call_soon_threadsafe(lambda: done(result))
 
+    def run(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Runs `fn()` on the storage thread and `done(value)` later on the reactor's thread (value None if it
+        raised, which is logged): work that can take seconds, like parsing a robots.txt another coordinator
+        fetched, kept off the reactor."""
+        if self._closed:
+            return
+
+        def call() -> None:
+            try:
+                value = fn()
+            except Exception:
+                log.exception("work on the storage thread failed")
+                value = None
+            self.reactor.call_soon_threadsafe(lambda: done(value))
+
+        self._storage.submit(call)
+
     def close(self) -> None:
         if self._closed:
             return

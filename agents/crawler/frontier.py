@@ -9,6 +9,18 @@ Every URL ever added is *seen* forever and is never queued again. A queued entry
 `pop` hands out due entries (``not_before <= now``) by priority, highest first, ties in insertion order.
 Two backends share this contract: SQLite (``sqlite:///PATH``, the default, one file) and Redis
 (``redis://host:port/db``, for a frontier shared across hosts). `open_frontier` picks one from a URL.
+
+Several coordinators on one Redis frontier (``shared``). Each opens it with its own `owner` (its agent name).
+A lease, and the fetched page after it, carries the owner: only the owner changes it (another's attempt raises
+`LeaseLost`), `release` gives back only the caller's own leases, and `recover` at start-up takes back the caller's
+own leases and those of coordinators that are not alive. Alive means a key the coordinator renews
+(`keepalive`) within its TTL; `reclaim`, called now and then by every live coordinator, takes back the leases of
+one that stopped renewing it (killed, host gone, cut off from Redis for longer than the TTL). Fetched pages are not
+taken back: their bodies are in the owner's raw store, on its host, and it delivers them when it starts again
+(pool replica names are stable). Beside the URLs, the shared frontier holds what the coordinators must agree on
+per site: the next allowed fetch and the fetches under way (`take_slot`/`free_slot`, on the Redis server's clock,
+so hosts' clocks need not agree), and the site's robots.txt (`robots_cached`/`robots_claim`/`robots_store`), fetched
+by one coordinator for all. SQLite is one coordinator's: those calls leave everything to it.
 """
 
 from __future__ import annotations
@@ -57,6 +69,10 @@ class FrontierUnavailable(FrontierError):
     """The frontier's backend cannot be reached (Redis down, SQLite file not openable)."""
 
 
+class LeaseLost(FrontierError):
+    """The entry is no longer the caller's lease: its lease expired and another coordinator took the URL over."""
+
+
 def _check_entry(entry: Entry) -> None:
     if not isinstance(entry.url, str) or not entry.url:
         raise ValueError(f"frontier entry needs a non-empty URL string, got {entry.url!r}")
@@ -88,6 +104,9 @@ def _transition_error(op: str, url: str, state: str | None, allowed: str) -> Fro
 class Frontier(ABC):
     """The frontier contract; see the module docstring for the states. Not shared between threads."""
 
+    shared = False    # several coordinators may use it at once (Redis); see the module docstring
+    owner = ""        # the coordinator this connection leases for ("" : the only one)
+
     @abstractmethod
     def add(self, entries: Iterable[Entry]) -> list[str]:
         """Queues the entries whose URL was never seen; returns the URLs added, in input order."""
@@ -118,11 +137,13 @@ class Frontier(ABC):
 
     @abstractmethod
     def release(self, urls: Iterable[str]) -> None:
-        """leased -> queued, unchanged (a draining fetcher gives back what it did not start). All or nothing."""
+        """leased -> queued, unchanged (a draining fetcher gives back what it did not start). All or nothing; a
+        named owner on a shared frontier skips what is no longer its lease (another coordinator took it over)."""
 
     @abstractmethod
     def recover(self) -> int:
-        """At start-up: every leased entry goes back to queued; returns how many. Fetched entries stay fetched."""
+        """At start-up: every leased entry goes back to queued (a named owner on a shared frontier: its own and
+        those of coordinators not alive); returns how many. Fetched entries stay fetched."""
 
     @abstractmethod
     def fetched(self, limit: int | None = None) -> list[Entry]:
@@ -152,6 +173,36 @@ class Frontier(ABC):
     @abstractmethod
     def close(self) -> None:
         """Releases the connection; the data stays."""
+
+    # --- coordination between coordinators (shared frontiers; one coordinator needs none) ----------------------
+
+    def keepalive(self, ttl_s: float) -> None:
+        """Says the owner is alive for `ttl_s` more seconds; its leases are safe from `reclaim` while it is."""
+
+    def reclaim(self) -> int:
+        """Requeues the leases of other coordinators that are not alive; returns how many."""
+        return 0
+
+    def take_slot(self, host: str, token: str, *, delay_s: float, cap: int, hold_s: float) -> float:
+        """Asks to start a fetch from `host` now: 0.0 when it may (the site's next fetch is then `delay_s` away
+        for every coordinator, and `token` counts against `cap` fetches under way there until `free_slot` or
+        `hold_s`), else the seconds to wait before asking again."""
+        return 0.0
+
+    def free_slot(self, host: str, token: str) -> None:
+        """The fetch `token` took a slot for at `host` is over."""
+
+    def robots_cached(self, origin: str) -> dict[str, str] | None:
+        """The robots.txt verdict another coordinator stored for `origin` (``robots_store``), or None."""
+        return None
+
+    def robots_claim(self, origin: str, hold_s: float) -> bool:
+        """Whether the caller is to fetch `origin`'s robots.txt (nobody else is, or the caller already was), for
+        `hold_s` seconds at most; asked again by its holder, it extends the claim."""
+        return True
+
+    def robots_store(self, origin: str, verdict: Mapping[str, str], ttl_s: float) -> None:
+        """Keeps the verdict on `origin`'s robots.txt for the other coordinators, for `ttl_s`; ends the claim."""
 
     def __enter__(self) -> Self:
         return self
@@ -339,12 +390,18 @@ class SQLiteFrontier(Frontier):
 #   P:fetched  ZSET  fetched URLs, scored by seq
 #   P:counts   HASH  entries per state
 #   P:e:URL    HASH  the entry: url depth priority score parent anchor attempts redirects not_before fetch_id
-#                    status error state seq member
+#                    status error state seq member owner (the coordinator holding its lease or fetched page)
+#   P:alive:OWNER       STRING  present while the coordinator OWNER is alive (keepalive, with a TTL)
+#   P:site:HOST         STRING  the site's next allowed fetch (unix time, the Redis server's clock)
+#   P:site-active:HOST  ZSET    fetches under way at the site, by token, scored by when their hold ends
+#   P:robots:ORIGIN     HASH    the site's robots.txt verdict (state ready|unreachable, status, body, error), TTL
+#   P:robots-lock:ORIGIN STRING the coordinator fetching it (a claim with a TTL)
 # Floats travel as Python repr() strings and are stored as given (Lua's tostring would round them).
 # Scripts compute entry keys from P, so this backend is for a single Redis server, not Redis Cluster.
 
 _LUA_PRELUDE = """
-local E = ARGV[1]
+local E, OWNER = ARGV[1], ARGV[2]
+local ALIVE = string.sub(E, 1, -3) .. 'alive:'   -- E is P:e:, so P:alive:
 local SEEN, SEQ, QUEUE, QNB, DELAYED, LEASED, FETCHED, COUNTS =
     KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
@@ -359,11 +416,23 @@ local function count(from, to, n)
     end
 end
 
+-- whether the entry at `key` is another coordinator's (its lease or its fetched page); never for an unnamed caller
+local function foreign(key)
+    local o = redis.call('HGET', key, 'owner')
+    return OWNER ~= '' and o and o ~= '' and o ~= OWNER
+end
+
+-- whether a named caller may change the leased-or-fetched entry at `key` in state `state`: it must be its own
+local function lost(key, state)
+    return OWNER ~= '' and ((state ~= 'leased' and state ~= 'fetched') or foreign(key))
+end
+
 -- puts an entry (its hash already present) back in line: due at once, or waiting for its not_before
 local function requeue(url)
     local key = E .. url
     local f = redis.call('HMGET', key, 'member', 'score', 'not_before')
     redis.call('HSET', key, 'state', 'queued')
+    redis.call('HDEL', key, 'owner')
     if tonumber(f[3]) > 0 then
         redis.call('ZADD', DELAYED, f[3], f[1])
     else
@@ -374,9 +443,9 @@ end
 """
 
 _LUA_ADD = """
--- ARGV: E, then per entry: url, score, not_before, n, n field/value pairs
+-- ARGV: E, OWNER, then per entry: url, score, not_before, n, n field/value pairs
 local added = {}
-local i = 2
+local i = 3
 while i <= #ARGV do
     local url, score, nb, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
     if redis.call('SADD', SEEN, url) == 1 then
@@ -399,8 +468,8 @@ return added
 """
 
 _LUA_POP = """
--- ARGV: E, limit, now
-local limit, now = tonumber(ARGV[2]), ARGV[3]
+-- ARGV: E, OWNER, limit, now
+local limit, now = tonumber(ARGV[3]), ARGV[4]
 -- entries moved to the queue by a pop with a later clock than this one wait again
 local early = redis.call('ZRANGEBYSCORE', QNB, '(' .. now, '+inf', 'WITHSCORES')
 for k = 1, #early, 2 do
@@ -424,7 +493,7 @@ if limit > 0 then
     for k = 1, #top, 2 do
         local url = member_url(top[k])
         redis.call('ZREM', QNB, top[k])
-        redis.call('HSET', E .. url, 'state', 'leased')
+        redis.call('HSET', E .. url, 'state', 'leased', 'owner', OWNER)
         redis.call('SADD', LEASED, url)
         out[#out + 1] = redis.call('HGETALL', E .. url)
     end
@@ -434,43 +503,49 @@ return out
 """
 
 _LUA_RETRY = """
--- ARGV: E, url, not_before, error
-local url = ARGV[2]
+-- ARGV: E, OWNER, url, not_before, error
+local url = ARGV[3]
 local key = E .. url
 local state = redis.call('HGET', key, 'state')
-if state ~= 'leased' then
+if state and lost(key, state) then
+    return 'LOST:' .. state
+elseif state ~= 'leased' then
     return state or ''
 end
 redis.call('SREM', LEASED, url)
 redis.call('HINCRBY', key, 'attempts', 1)
-redis.call('HSET', key, 'not_before', ARGV[3], 'error', ARGV[4])
+redis.call('HSET', key, 'not_before', ARGV[4], 'error', ARGV[5])
 requeue(url)
 count('leased', 'queued', 1)
 return 'OK'
 """
 
 _LUA_MARK_FETCHED = """
--- ARGV: E, url, fetch_id
-local url = ARGV[2]
+-- ARGV: E, OWNER, url, fetch_id
+local url = ARGV[3]
 local key = E .. url
 local state = redis.call('HGET', key, 'state')
-if state ~= 'leased' then
+if state and lost(key, state) then
+    return 'LOST:' .. state
+elseif state ~= 'leased' then
     return state or ''
 end
 redis.call('SREM', LEASED, url)
-redis.call('HSET', key, 'state', 'fetched', 'fetch_id', ARGV[3])
+redis.call('HSET', key, 'state', 'fetched', 'fetch_id', ARGV[4])
 redis.call('ZADD', FETCHED, redis.call('HGET', key, 'seq'), url)
 count('leased', 'fetched', 1)
 return 'OK'
 """
 
 _LUA_FINISH = """
--- ARGV: E, url, ok ('1'/'0'), status ('' = not given), has_error ('1'/'0'), error
-local url, ok = ARGV[2], ARGV[3] == '1'
+-- ARGV: E, OWNER, url, ok ('1'/'0'), status ('' = not given), has_error ('1'/'0'), error
+local url, ok = ARGV[3], ARGV[4] == '1'
 local key = E .. url
 local state = redis.call('HGET', key, 'state')
 if state == 'done' or state == 'failed' then
     return 'NOOP'
+elseif state and lost(key, state) then
+    return 'LOST:' .. state
 elseif state == 'leased' then
     redis.call('SREM', LEASED, url)
 elseif state == 'fetched' then
@@ -480,11 +555,11 @@ else
 end
 local new = ok and 'done' or 'failed'
 redis.call('HSET', key, 'state', new)
-if ARGV[4] ~= '' then
-    redis.call('HSET', key, 'status', ARGV[4])
+if ARGV[5] ~= '' then
+    redis.call('HSET', key, 'status', ARGV[5])
 end
-if ARGV[5] == '1' then
-    redis.call('HSET', key, 'error', ARGV[6])
+if ARGV[6] == '1' then
+    redis.call('HSET', key, 'error', ARGV[7])
 elseif ok then
     redis.call('HDEL', key, 'error')
 end
@@ -493,43 +568,99 @@ return 'OK'
 """
 
 _LUA_RELEASE = """
--- ARGV: E, url...  (all must be leased, or nothing changes)
-for i = 2, #ARGV do
-    local state = redis.call('HGET', E .. ARGV[i], 'state')
-    if state ~= 'leased' then
+-- ARGV: E, OWNER, url...  (all must be leased, or nothing changes; a named caller skips what is not its lease:
+-- another coordinator took it over once the caller's lease expired)
+local mine = {}
+for i = 3, #ARGV do
+    local key = E .. ARGV[i]
+    local state = redis.call('HGET', key, 'state')
+    if state == 'leased' and not foreign(key) then
+        mine[#mine + 1] = ARGV[i]
+    elseif OWNER == '' or not state then
         return {ARGV[i], state or ''}
     end
 end
-for i = 2, #ARGV do
-    redis.call('SREM', LEASED, ARGV[i])
-    requeue(ARGV[i])
+for _, url in ipairs(mine) do
+    redis.call('SREM', LEASED, url)
+    requeue(url)
 end
-count('leased', 'queued', #ARGV - 1)
+count('leased', 'queued', #mine)
 return 'OK'
 """
 
 _LUA_RECOVER = """
-local urls = redis.call('SMEMBERS', LEASED)
-for _, url in ipairs(urls) do
-    requeue(url)
+-- ARGV: E, OWNER, mode: 'start' (the caller's own leases, unowned ones and those of coordinators not alive) or
+-- 'dead' (only those of other coordinators not alive). An unnamed caller takes back every lease.
+local start = ARGV[3] == 'start'
+local n = 0
+for _, url in ipairs(redis.call('SMEMBERS', LEASED)) do
+    local o = redis.call('HGET', E .. url, 'owner')
+    local take
+    if OWNER == '' then
+        take = true
+    elseif not o or o == '' or o == OWNER then
+        take = start
+    else
+        take = redis.call('EXISTS', ALIVE .. o) == 0
+    end
+    if take then
+        redis.call('SREM', LEASED, url)
+        requeue(url)
+        n = n + 1
+    end
 end
-redis.call('DEL', LEASED)
-count('leased', 'queued', #urls)
-return #urls
+count('leased', 'queued', n)
+return n
 """
 
 _LUA_SET_PRIORITY = """
--- ARGV: E, url, priority, score
-local key = E .. ARGV[2]
+-- ARGV: E, OWNER, url, priority, score
+local key = E .. ARGV[3]
 if redis.call('HGET', key, 'state') ~= 'queued' then
     return 0
 end
-redis.call('HSET', key, 'priority', ARGV[3], 'score', ARGV[4])
+redis.call('HSET', key, 'priority', ARGV[4], 'score', ARGV[5])
 local member = redis.call('HGET', key, 'member')
 if redis.call('ZSCORE', QUEUE, member) then
-    redis.call('ZADD', QUEUE, ARGV[4], member)
+    redis.call('ZADD', QUEUE, ARGV[5], member)
 end
 return 1
+"""
+
+_LUA_TAKE_SLOT = """
+-- KEYS: P:site:HOST, P:site-active:HOST; ARGV: token, delay_s, cap, hold_s. Returns '0' (go) or the seconds to wait.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local delay, cap, hold = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now < nxt then
+    return string.format('%.6f', nxt - now)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if cap > 0 and redis.call('ZCARD', KEYS[2]) >= cap then
+    -- full: a fetch ending frees a place at any time, so look again soon (or when the oldest hold ends)
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return string.format('%.6f', math.max(0.001, math.min(tonumber(first[2]) - now, 0.05)))
+end
+local ttl = math.ceil((delay + hold) * 1000) + 60000
+redis.call('SET', KEYS[1], string.format('%.6f', now + delay), 'PX', ttl)
+if cap > 0 then
+    redis.call('ZADD', KEYS[2], now + hold, ARGV[1])
+    redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return '0'
+"""
+
+_LUA_CLAIM = """
+-- KEYS: the claim; ARGV: owner, ms. Taken when free, extended when the caller holds it already.
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
 """
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -556,12 +687,14 @@ class RedisFrontier(Frontier):
     """A frontier in Redis under keys ``{prefix}:…``; every multi-step change is one Lua script (atomic)."""
 
     ADD_CHUNK = 1000  # entries per add script call (each call is atomic)
+    shared = True
 
-    def __init__(self, url: str, *, prefix: str = "frontier"):
+    def __init__(self, url: str, *, prefix: str = "frontier", owner: str = ""):
         if not prefix:
             raise ValueError("Redis frontier prefix must not be empty")
         self.url = url
         self.prefix = prefix
+        self.owner = owner
         self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=10.0)
         self._keys = [f"{prefix}:{k}" for k in ("seen", "seq", "queue", "qnb", "delayed", "leased", "fetched",
                                                 "counts")]
@@ -574,6 +707,7 @@ class RedisFrontier(Frontier):
         self._mark_fetched, self._finish = script(_LUA_MARK_FETCHED), script(_LUA_FINISH)
         self._release, self._recover = script(_LUA_RELEASE), script(_LUA_RECOVER)
         self._set_priority = script(_LUA_SET_PRIORITY)
+        self._take_slot, self._claim = self._r.register_script(_LUA_TAKE_SLOT), self._r.register_script(_LUA_CLAIM)
         try:
             self._r.ping()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -581,7 +715,7 @@ class RedisFrontier(Frontier):
             raise FrontierUnavailable(f"cannot reach Redis frontier at {mask_url(url)}: {exc}") from exc
 
     def _run(self, script: Any, *args: Any) -> Any:
-        return script(keys=self._keys, args=[self._e, *args])
+        return script(keys=self._keys, args=[self._e, self.owner, *args])
 
     @staticmethod
     def _entry(h: dict[str, str]) -> Entry:
@@ -590,6 +724,9 @@ class RedisFrontier(Frontier):
                      not_before=float(h["not_before"]), fetch_id=h.get("fetch_id"))
 
     def _check(self, op: str, url: str, reply: str, allowed: str) -> None:
+        if reply.startswith("LOST:"):
+            raise LeaseLost(f"cannot {op} {url!r}: it is {reply[5:]} and not leased by {self.owner!r} any more (its "
+                            "lease expired and another coordinator took it over)")
         if reply not in ("OK", "NOOP"):
             raise _transition_error(op, url, reply, allowed)
 
@@ -644,15 +781,29 @@ class RedisFrontier(Frontier):
 
     @_redis_errors
     def recover(self) -> int:
-        return int(self._run(self._recover))
+        return int(self._run(self._recover, "start"))
+
+    @_redis_errors
+    def reclaim(self) -> int:
+        return int(self._run(self._recover, "dead"))
+
+    @_redis_errors
+    def keepalive(self, ttl_s: float) -> None:
+        if self.owner:
+            self._r.set(f"{self.prefix}:alive:{self.owner}", str(time.time()), px=max(1, int(ttl_s * 1000)))
 
     @_redis_errors
     def fetched(self, limit: int | None = None) -> list[Entry]:
-        urls = self._r.zrange(self._keys[6], 0, -1 if limit is None else limit - 1) if limit != 0 else []
+        """A named owner gets its own fetched pages (and unowned ones): only its raw store holds their bodies."""
+        if limit == 0:
+            return []
+        urls = self._r.zrange(self._keys[6], 0, -1)
         pipe = self._r.pipeline(transaction=False)
         for url in urls:
             pipe.hgetall(self._e + url)
-        return [self._entry(h) for h in pipe.execute() if h]
+        mine = [self._entry(h) for h in pipe.execute()
+                if h and (not self.owner or h.get("owner", "") in ("", self.owner))]
+        return mine if limit is None else mine[:limit]
 
     @_redis_errors
     def set_priority(self, url: str, priority: float) -> bool:
@@ -672,7 +823,7 @@ class RedisFrontier(Frontier):
             pipe = self._r.pipeline(transaction=False)
             for url in chunk:
                 p = float(priorities[url])
-                self._set_priority(keys=self._keys, args=[self._e, url, repr(p), _score(p)], client=pipe)
+                self._set_priority(keys=self._keys, args=[self._e, self.owner, url, repr(p), _score(p)], client=pipe)
             changed.update(url for url, reply in zip(chunk, pipe.execute()) if reply == 1)
         return changed
 
@@ -705,20 +856,49 @@ class RedisFrontier(Frontier):
         firsts = [rows[0][1] for rows in pipe.execute() if rows]
         return min(firsts) if firsts else None
 
+    @_redis_errors
+    def take_slot(self, host: str, token: str, *, delay_s: float, cap: int, hold_s: float) -> float:
+        keys = [f"{self.prefix}:site:{host}", f"{self.prefix}:site-active:{host}"]
+        return float(self._take_slot(keys=keys, args=[token, repr(float(delay_s)), int(cap), repr(float(hold_s))]))
+
+    @_redis_errors
+    def free_slot(self, host: str, token: str) -> None:
+        self._r.zrem(f"{self.prefix}:site-active:{host}", token)
+
+    @_redis_errors
+    def robots_cached(self, origin: str) -> dict[str, str] | None:
+        return self._r.hgetall(f"{self.prefix}:robots:{origin}") or None
+
+    @_redis_errors
+    def robots_claim(self, origin: str, hold_s: float) -> bool:
+        return self._claim(keys=[f"{self.prefix}:robots-lock:{origin}"],
+                           args=[self.owner or "-", max(1, int(hold_s * 1000))]) == 1
+
+    @_redis_errors
+    def robots_store(self, origin: str, verdict: Mapping[str, str], ttl_s: float) -> None:
+        key = f"{self.prefix}:robots:{origin}"
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.hset(key, mapping=dict(verdict))
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        pipe.delete(f"{self.prefix}:robots-lock:{origin}")
+        pipe.execute()
+
     def close(self) -> None:
         self._r.close()
 
 
 # ------------------------------------------------------------------------------------------------------ open
 
-def open_frontier(url: str, *, prefix: str = "frontier") -> Frontier:
+def open_frontier(url: str, *, prefix: str = "frontier", owner: str = "") -> Frontier:
     """The frontier at `url`: ``sqlite:///PATH`` (parent directories created; `prefix` names the table) or
-    ``redis://host:port/db`` / ``rediss://…`` (keys under ``{prefix}:``)."""
+    ``redis://host:port/db`` / ``rediss://…`` (keys under ``{prefix}:``). `owner` names the coordinator that leases
+    through this connection (Redis: several may share the frontier; see the module docstring)."""
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if not path:
             raise ValueError(f"frontier URL {url!r} has no path; use sqlite:///PATH")
         return SQLiteFrontier(path, table=prefix)
     if url.startswith(("redis://", "rediss://")):
-        return RedisFrontier(url, prefix=prefix)
+        return RedisFrontier(url, prefix=prefix, owner=owner)
     raise ValueError(f"unsupported frontier URL {mask_url(url)!r}: use sqlite:///PATH or redis://host:port/db")
