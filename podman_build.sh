@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Podman deployment of the mesh: one container per container group of a host.
+# Podman deployment of the mesh: one container per container group of a host, and one per pool replica.
 # The work is done by ops/deploy.py (python -m ops.deploy); this script finds the
 # project's Python and passes the command on. `podman_build.sh COMMAND --help` for each command.
 set -euo pipefail
@@ -12,7 +12,8 @@ usage: podman_build.sh COMMAND [ARGS]
   base [--tag IMAGE]                 make a Debian base image with debootstrap (hosts with no registry)
   build [--offline] [--base IMAGE]   build the image (offline: packages from a wheelhouse made here)
   deploy HOST [--no-gpu]             start HOST's groups (mainpc | pc2 | local) in dependency order,
-                                     each once the twin reports the previous ones ready; safe to repeat
+                                     each once the twin reports the previous ones ready; safe to repeat:
+                                     changed containers are replaced, a pool's replicas one at a time
   down HOST [--volumes]              stop and remove HOST's containers (data volume kept unless --volumes)
   status HOST                        groups, containers, health, ports
   logs [-f] GROUP|AGENT...           agents' logs, prefixed by container and agent

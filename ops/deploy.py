@@ -1,4 +1,4 @@
-"""Podman deployment, driven by podman_build.sh: one container per container group.
+"""Podman deployment, driven by podman_build.sh: one container per container group, and one per replica of a pool.
 
     python -m ops.deploy base [--tag IMAGE]
     python -m ops.deploy build [--offline] [--base IMAGE] [--role cpu|model] [--index-url URL] [GROUP...]
@@ -17,6 +17,11 @@ network, with its data on the named volume `mesh-HOST-data` and the keys directo
 read-only. Groups start in dependency order, each only after the twin reports its agents ready
 (or waiting only on groups not started yet). A container is replaced only when its image, the
 config or its options changed, so running deploy again is safe.
+
+The replicas of a pool that a group lists run one to a container, `mesh-HOST-GROUP-REPLICA` (`meshctl up --only
+REPLICA`), so that they can be replaced one at a time: changed, they are replaced by ops.rolling.roll, each
+drained (`podman stop`: SIGTERM, the agent finishes or hands back what it holds) and its successor ready before
+the next is stopped, so the pool keeps working through an upgrade.
 
 Podman options a host needs come from the environment: MESH_PODMAN_OPTS (global options, e.g.
 `--runtime runc`) and MESH_PODMAN_RUN_OPTS (added to every `podman run`, e.g.
@@ -40,7 +45,7 @@ import time
 import tomllib
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -54,6 +59,7 @@ from mesh.control import fetch_status
 from mesh.runtime import check_kinds, resolve
 from network.rpc import MeshError
 from ops.monitoring import SHIPPED_DASHBOARD, SHIPPED_RULES, render
+from ops.rolling import RollError, roll
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("MESH_IMAGE", "localhost/agent-mesh:latest")
@@ -182,10 +188,17 @@ def base_image(tag: str) -> None:
 
 # --- deploy --------------------------------------------------------------------------------------
 
+def config_dir() -> Path:
+    """Where deploy, status, down and kube read HOST.yaml: MESH_CONFIG_DIR, else config/ (the image has a copy of
+    config/; a folder of one's own needs the same folder mounted over it, `MESH_PODMAN_RUN_OPTS="--volume
+    DIR:/app/config:ro"`, as tests/test_podman.py does)."""
+    return Path(os.environ.get("MESH_CONFIG_DIR") or ROOT / "config")
+
+
 def _config(host: str) -> MeshConfig:
-    path = ROOT / "config" / f"{host}.yaml"
+    path = config_dir() / f"{host}.yaml"
     if not path.exists():
-        known = ", ".join(p.stem for p in sorted((ROOT / "config").glob("*.yaml")))
+        known = ", ".join(p.stem for p in sorted(config_dir().glob("*.yaml")))
         raise DeployError(f"no config/{host}.yaml (hosts with a config: {known})")
     cfg = load_config(path, host=None)
     if cfg.host is None and len(cfg.hosts) == 1:
@@ -208,14 +221,15 @@ def _groups_in(path: Path) -> set[str]:
         return set()
 
 
-def container_name(host: str, group: str) -> str:
-    return f"mesh-{host}-{group}"
+def container_name(host: str, group: str, replica: str | None = None) -> str:
+    """A group's container (its agents declared one by one), or the container of one replica of a pool it lists."""
+    return f"mesh-{host}-{group}" + (f"-{replica}" if replica else "")
 
 
 def _config_env() -> dict[str, str]:
     """Environment variables the config files refer to (${VAR}) that are set here."""
     names: set[str] = set()
-    for path in (ROOT / "config").glob("*.yaml"):
+    for path in config_dir().glob("*.yaml"):
         names |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", path.read_text()))
     names -= {"MESH_DATA_DIR", "MESH_KEYS_DIR"}  # fixed inside the image
     return {n: os.environ[n] for n in sorted(names) if n in os.environ}
@@ -328,10 +342,11 @@ class GroupSpec:
     public_keys: Path | None     # keys/public, mounted read-only (public keys only)
     gpu: bool
     role: str                    # "cpu" or "model": which image
+    replica: str | None = None   # a replica of a pool, alone in its container (container_specs)
 
     @property
     def name(self) -> str:
-        return container_name(self.host, self.group)
+        return container_name(self.host, self.group, self.replica)
 
     @property
     def volume(self) -> str:
@@ -344,7 +359,11 @@ class GroupSpec:
 
 def group_role(cfg: MeshConfig, group: str) -> str:
     """The model image when one of the group's agents needs the `model` extra (its kind says so), else the CPU image."""
-    return "model" if any(resolve(cfg.agents[a].kind).image == "model" for a in cfg.groups[group].agents) else "cpu"
+    return agents_role(cfg, cfg.groups[group].agents)
+
+
+def agents_role(cfg: MeshConfig, agents: list[str]) -> str:
+    return "model" if any(resolve(cfg.agents[a].kind).image == "model" for a in agents) else "cpu"
 
 
 def group_specs(cfg: MeshConfig, host: str, *, no_gpu: bool, for_kube: bool = False) -> list[GroupSpec]:
@@ -360,11 +379,37 @@ def group_specs(cfg: MeshConfig, host: str, *, no_gpu: bool, for_kube: bool = Fa
         env = {"MESH_CONFIG": f"config/{host}.yaml", "MESH_AGENTS": " ".join(agents),
                "MESH_LOG_STDERR": "1",   # agents' JSON lines in `podman logs` too, not only in /data/logs
                **plain}
-        command = ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
+        command = _up_command(host, agents)
         specs.append(GroupSpec(host=host, group=group, agents=agents, env=env, secrets=secrets, command=command,
                                public_keys=public if public.is_dir() else None,
                                gpu=_wants_gpu(cfg, group, no_gpu, for_kube), role=group_role(cfg, group)))
     return specs
+
+
+def container_specs(cfg: MeshConfig, host: str, *, no_gpu: bool) -> list[GroupSpec]:
+    """The host's containers in start order: each group's agents declared one by one in the group's container,
+    and each replica of a pool the group lists in a container of its own (`meshctl up --only REPLICA`), so that
+    deploy can replace the replicas one at a time (ops.rolling) while the others keep the pool working."""
+    by_group = {s.group: s for s in group_specs(cfg, host, no_gpu=no_gpu)}
+    return [replace(by_group[group], agents=agents, replica=replica, role=agents_role(cfg, agents),
+                    env={**by_group[group].env, "MESH_AGENTS": " ".join(agents)}, command=_up_command(host, agents))
+            for group, replica, agents in containers_of(cfg, host)]
+
+
+def containers_of(cfg: MeshConfig, host: str) -> list[tuple[str, str | None, list[str]]]:
+    """(group, replica or None, agents) of each of the host's containers, in start order (container_specs)."""
+    out = []
+    for group in group_order(cfg, host):
+        agents = cfg.groups[group].agents
+        single = [a for a in agents if cfg.pool_of(a) is None]
+        if single:
+            out.append((group, None, single))
+        out += [(group, a, [a]) for a in agents if cfg.pool_of(a) is not None]
+    return out
+
+
+def _up_command(host: str, agents: list[str]) -> list[str]:
+    return ["--config", f"config/{host}.yaml", "--host", host, *[x for a in agents for x in ("--only", a)]]
 
 
 def run_args(spec: GroupSpec, cfg: MeshConfig) -> list[str]:
@@ -372,6 +417,7 @@ def run_args(spec: GroupSpec, cfg: MeshConfig) -> list[str]:
     return ["--network", "host", "--restart", "always", "--stop-timeout", str(int(cfg.mesh.drain_timeout_s) + 5),
             "--label", f"mesh.host={spec.host}", "--label", f"mesh.group={spec.group}",
             "--label", f"mesh.agents={' '.join(spec.agents)}", "--label", f"mesh.role={spec.role}",
+            *(["--label", f"mesh.pool={cfg.pool_of(spec.replica)}"] if spec.replica else []),
             "--volume", f"{spec.volume}:/data:U",
             *[f"--env={k}={v}" for k, v in spec.env.items()],
             *[x for sec in spec.secrets for x in (
@@ -383,35 +429,86 @@ def run_args(spec: GroupSpec, cfg: MeshConfig) -> list[str]:
 
 
 def deploy(host: str, *, no_gpu: bool = False, timeout: float = 120.0) -> None:
+    """Starts, or replaces where changed, the host's containers group by group in dependency order, each group
+    once the twin reports its agents ready. A pool's replicas whose containers run and changed are replaced one
+    at a time (ops.rolling.roll: drained, the successor ready, then the next); a replica that does not get ready
+    stops the deploy with an error, leaving the rest running."""
     cfg = _config(host)
-    specs = group_specs(cfg, host, no_gpu=no_gpu)
+    specs = container_specs(cfg, host, no_gpu=no_gpu)
     image_ids = {}
     for role in sorted({s.role for s in specs}):
         image = podman("image", "inspect", image_of(role), "--format", "{{.Id}}", check=False)
         if image.returncode != 0:
             raise DeployError(f"image {image_of(role)} not found: run `podman_build.sh build` first")
         image_ids[role] = image.stdout.strip()
-    say(f"deploying host {host}: groups {', '.join(f'{s.group} ({s.role})' for s in specs)}")
+    groups = list(dict.fromkeys(s.group for s in specs))
+    say(f"deploying host {host}: groups {', '.join(f'{g} ({_roles(specs, g)})' for g in groups)}")
     ensure_secrets(specs[0].secrets if specs else [], host)
+    wanted = {s.name for s in specs}
+    present = {c["Names"][0]: c.get("Labels") or {} for c in _containers(host)}
     started: set[str] = set()
-    for spec in specs:
-        args = run_args(spec, cfg)
-        digest = hashlib.sha256(json.dumps([image_ids[spec.role], cfg.model_dump(mode="json"), args, spec.command,
-                                            [s.digest for s in spec.secrets]]).encode()).hexdigest()[:16]
-        current = _existing(spec.name)
-        if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
-            say(f"  {spec.group}: unchanged, {spec.name} keeps running")
-        else:
-            if current:
-                say(f"  {spec.group}: changed, replacing {spec.name}")
-                podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), spec.name)
-            podman("run", "--detach", "--name", spec.name, "--label", f"mesh.hash={digest}", *args, spec.image,
-                   *spec.command)
-            say(f"  {spec.group}: started {spec.name} ({', '.join(spec.agents)})")
-        started |= set(spec.agents)
-        _wait_group(cfg, spec.group, started, timeout)
-    say(f"host {host} deployed: {len(specs)} group(s) up")
+    for group in groups:
+        mine = [s for s in specs if s.group == group]
+        for name in sorted(n for n, labels in present.items() if labels.get("mesh.group") == group and n not in wanted):
+            # the group's containers as an earlier deploy made them (a pool's replicas in the group's container)
+            say(f"  {group}: {name} is not deployed as such any more: removing it")
+            podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), name)
+        rolling: list[tuple[GroupSpec, str]] = []
+        for spec in mine:
+            args = run_args(spec, cfg)
+            digest = hashlib.sha256(json.dumps([image_ids[spec.role], cfg.model_dump(mode="json"), args,
+                                                spec.command, [s.digest for s in spec.secrets]]).encode()).hexdigest()[:16]
+            current = _existing(spec.name)
+            if current and current["Config"]["Labels"].get("mesh.hash") == digest and current["State"]["Running"]:
+                say(f"  {group}: unchanged, {spec.name} keeps running")
+            elif current and current["State"]["Running"] and spec.replica:
+                rolling.append((spec, digest))   # replaced one at a time, below
+            else:
+                if current:
+                    say(f"  {group}: changed, replacing {spec.name}")
+                    podman("rm", "--force", "--time", str(int(cfg.mesh.drain_timeout_s)), spec.name)
+                _run(spec, cfg, digest)
+                say(f"  {group}: started {spec.name} ({', '.join(spec.agents)})")
+        if rolling:
+            _roll(cfg, group, rolling, timeout)
+        started |= {a for s in mine for a in s.agents}
+        _wait_group(cfg, group, started, timeout)
+    say(f"host {host} deployed: {len(groups)} group(s) up in {len(specs)} container(s)")
     install_units(host, specs, cfg)
+
+
+def _roles(specs: list[GroupSpec], group: str) -> str:
+    return ", ".join(sorted({s.role for s in specs if s.group == group}))
+
+
+def _run(spec: GroupSpec, cfg: MeshConfig, digest: str) -> None:
+    podman("run", "--detach", "--name", spec.name, "--label", f"mesh.hash={digest}", *run_args(spec, cfg),
+           spec.image, *spec.command)
+
+
+def _roll(cfg: MeshConfig, group: str, changed: list[tuple[GroupSpec, str]], timeout: float) -> None:
+    """Replaces running replica containers one at a time (ops.rolling.roll): `podman stop` sends SIGTERM, so the
+    replica drains (the coordinator sends it no more pages and hands what it held to the others) and exits, its
+    container is removed, the new one started, and the next is stopped only once the twin reports it ready."""
+    by_replica = {spec.replica: (spec, digest) for spec, digest in changed}
+    say(f"  {group}: changed, replacing {', '.join(s.name for s, _ in changed)} one at a time")
+
+    def stop(replica: str) -> None:
+        spec = by_replica[replica][0]
+        podman("stop", "--time", str(int(cfg.mesh.drain_timeout_s) + 5), spec.name,
+               timeout=cfg.mesh.drain_timeout_s + 60)
+        podman("rm", "--force", spec.name)
+
+    def start(replica: str) -> None:
+        spec, digest = by_replica[replica]
+        _run(spec, cfg, digest)
+        say(f"  {group}: started {spec.name}")
+
+    try:
+        roll(cfg, list(by_replica), stop=stop, start=start, timeout=timeout, report=say)
+    except RollError as exc:
+        raise DeployError(f"rolling replacement in group {group} stopped: {exc}. The containers not replaced yet "
+                          f"keep running; see `podman_build.sh logs {group}`, fix it and deploy again") from None
 
 
 def unit_dir() -> Path:
@@ -623,7 +720,7 @@ def _containers(host: str | None = None) -> list[dict]:
 
 def down(host: str, *, volumes: bool = False) -> None:
     cfg = _config(host)
-    names = [container_name(host, g) for g in reversed(group_order(cfg, host))]
+    names = [container_name(host, g, r) for g, r, _ in reversed(containers_of(cfg, host))]
     present = {n for c in _containers(host) for n in c["Names"]}
     for name in [n for n in names if n in present] + sorted(present - set(names)):
         say(f"stopping {name}")
@@ -653,8 +750,8 @@ def status(host: str) -> int:
     for col in ("group", "container", "state", "health", "agents", "ports (rpc)"):
         table.add_column(col)
     ok = True
-    for group in group_order(cfg, host):
-        name = container_name(host, group)
+    for group, replica, agents in containers_of(cfg, host):
+        name = container_name(host, group, replica)
         c = by_name.get(name)
         state = c["State"] if c else "absent"
         health = "-"
@@ -662,7 +759,6 @@ def status(host: str) -> int:
             h = podman("inspect", name, "--format", "{{.State.Health.Status}}", check=False).stdout.strip()
             health = h or "-"
         ok &= state == "running"
-        agents = cfg.groups[group].agents
         table.add_row(group, name, state, health, ", ".join(agents), ", ".join(str(cfg.port(a, "rpc")) for a in agents))
     Console().print(table)
     for role in sorted({group_role(cfg, g) for g in group_order(cfg, host)}):
@@ -844,7 +940,7 @@ def monitoring_down(host: str, *, volumes: bool = False) -> None:
 # --- command line --------------------------------------------------------------------------------
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Podman deployment of the mesh: one container per container group of a host.")
+                  help="Podman deployment of the mesh: one container per container group of a host, and one per pool replica.")
 HostArg = typer.Argument(..., metavar="HOST", help="the host to act on: its config is config/HOST.yaml "
                                                    "(mainpc, pc2, local)")
 
@@ -898,7 +994,7 @@ def build_cmd(groups: Optional[list[str]] = typer.Argument(
 def deploy_cmd(host: str = HostArg,
                no_gpu: bool = typer.Option(False, "--no-gpu", help="run GPU groups on the CPU"),
                timeout: float = typer.Option(120.0, "--timeout", help="seconds to wait for each group")) -> None:
-    """start HOST's groups in dependency order"""
+    """start HOST's groups in dependency order (changed pool replicas one at a time)"""
     with operator_errors():
         deploy(host, no_gpu=no_gpu, timeout=timeout)
 

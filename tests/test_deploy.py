@@ -265,3 +265,20 @@ def test_kube_warns_that_podman_kube_play_skips_statefulsets(monkeypatch, capsys
     monkeypatch.setattr(deploy, "_config", lambda host: parse_config({**without, "security": {"curve": "off"}}))
     deploy.kube("pc2")
     assert "StatefulSet" not in capsys.readouterr().err
+
+
+def test_each_replica_of_a_pool_gets_a_container_of_its_own():
+    """deploy runs a pool's replicas one to a container (so they can be replaced one at a time), the group's
+    agents declared one by one in the group's container; kube is unchanged (a StatefulSet per pool)."""
+    cfg = parse_config(copy.deepcopy(POOLED), host="pc2")
+    specs = deploy.container_specs(cfg, "pc2", no_gpu=True)
+    assert [(s.name, s.agents, s.replica) for s in specs] == [
+        ("mesh-pc2-extract", ["echo"], None),
+        ("mesh-pc2-extract-extractor-2", ["extractor-2"], "extractor-2"),
+        ("mesh-pc2-extract-extractor-3", ["extractor-3"], "extractor-3")]
+    assert specs[1].command[-2:] == ["--only", "extractor-2"] and specs[1].env["MESH_AGENTS"] == "extractor-2"
+    assert specs[0].env["MESH_AGENTS"] == "echo" and specs[0].command[-2:] == ["--only", "echo"]
+    args = deploy.run_args(specs[2], cfg)
+    assert "mesh.pool=extractor" in args and "mesh.agents=extractor-3" in args and "mesh.group=extract" in args
+    assert deploy.containers_of(cfg, "mainpc") == [("core", None, ["twin"]),
+                                                   ("extract-mainpc", "extractor-1", ["extractor-1"])]

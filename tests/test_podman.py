@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version
@@ -317,3 +318,118 @@ def test_mainpc_and_pc2_in_podman_on_two_lab_hosts(env, tmp_path):
     assert {p: p.stat().st_mode & 0o777 for p in modes} == modes
     left = podman(env, "ps", "--all", "--filter", "label=mesh.group", "--format", "{{.Names}}").stdout.split()
     assert not [n for n in left if n.startswith(("mesh-mainpc-", "mesh-pc2-"))]
+
+
+PACKAGES = ("agents", "mesh", "network", "store", "ops")
+ROLLING = """\
+# a pool of two echo agents beside the twin: what the rolling-upgrade test deploys
+mesh:
+  name: local
+  base_port: 7100
+  heartbeat_interval_s: 1.0
+  dead_after_missed: 3
+  drain_timeout_s: 10
+  data_dir: ${MESH_DATA_DIR:-data}
+  port_offset: ${MESH_PORT_OFFSET:-0}
+security:
+  curve: off
+  keys_dir: ${MESH_KEYS_DIR:-keys}
+hosts:
+  local: {address: 127.0.0.1}
+groups:
+  core: {host: local, agents: [twin]}
+  tools: {host: local, agents: [echo]}
+agents:
+  twin: {kind: digital_twin}
+  echo: {kind: echo, depends_on: [twin], replicas: 2}
+"""
+
+
+@pytest.mark.timeout(900)
+def test_deploy_with_a_changed_image_replaces_a_pools_replicas_one_at_a_time(env, tmp_path):
+    """A pool's replicas run one to a container (mesh-local-tools-echo-1, -2); deploy with a changed image replaces
+    them one at a time (ops.rolling: `podman stop` drains one, its successor must be ready before the next), so
+    one replica is ready throughout. The images are the CPU image with this checkout's packages copied over the
+    installed project's and a label of their own (no rebuild; the CPU image may predate pools)."""
+    need_images(env, CPU_IMAGE)
+    conf = tmp_path / "config"
+    conf.mkdir()
+    (conf / "local.yaml").write_text(ROLLING)
+    conf.chmod(0o755)   # read inside the containers by their user, mesh (uid 10001)
+    (conf / "local.yaml").chmod(0o644)
+    image = "localhost/agent-mesh-rolling-cpu:test"
+    e = dict(env, MESH_IMAGE="localhost/agent-mesh-rolling:test", MESH_CONFIG_DIR=str(conf),
+             MESH_SYSTEMD_DIR=str(tmp_path / "units"),
+             MESH_PODMAN_RUN_OPTS=f"{env.get('MESH_PODMAN_RUN_OPTS', '')} --volume {conf}:/app/config:ro".strip())
+    cfg = load_config(conf / "local.yaml", environ=e)
+    names = ["mesh-local-core", "mesh-local-tools-echo-1", "mesh-local-tools-echo-2"]
+
+    context = tmp_path / "context"
+    site = "/opt/mesh/lib/python3.11/site-packages"
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def new_image(generation: int) -> str:
+        (context / "Containerfile").write_text(f"FROM {CPU_IMAGE}\n" + "".join(
+            f"COPY {p} {site}/{p}\n" for p in PACKAGES) + f"LABEL mesh.test.generation={generation}\n")
+        r = podman(e, "build", "--format", "docker", "--file", str(context / "Containerfile"), "--tag", image,
+                   str(context))
+        assert r.returncode == 0, r.stderr
+        return podman(e, "image", "inspect", image, "--format", "{{.Id}}").stdout.strip()
+
+    def image_of(name: str) -> str:
+        return podman(e, "inspect", name, "--format", "{{.Image}}").stdout.strip()
+
+    readings: list[tuple[float, set[str] | None]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                ready = {a.agent for a in fetch_status(cfg, timeout=1).agents if a.state in ("ready", "degraded")}
+            except Exception:
+                ready = None
+            readings.append((time.time(), ready))
+            time.sleep(0.2)
+
+    try:
+        first = new_image(1)
+        r = script(e, "deploy", "local", "--timeout", "120")
+        assert r.returncode == 0, r.stdout + r.stderr + podman(e, "logs", "mesh-local-core").stderr[-2000:]
+        assert {n: image_of(n) for n in names} == dict.fromkeys(names, first)
+        labels = json.loads(podman(e, "inspect", "mesh-local-tools-echo-2").stdout)[0]["Config"]["Labels"]
+        assert labels["mesh.agents"] == "echo-2" and labels["mesh.pool"] == "echo" and labels["mesh.group"] == "tools"
+        st = script(e, "status", "local")
+        assert st.returncode == 0 and all(n in st.stdout for n in names), st.stdout
+
+        second = new_image(2)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        proc = subprocess.Popen([str(ROOT / "podman_build.sh"), "deploy", "local", "--timeout", "120"], cwd=ROOT,
+                                env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [(time.time(), line.rstrip()) for line in proc.stdout]
+        assert proc.wait(60) == 0, "\n".join(line for _, line in lines)
+        stop.set()
+        watcher.join(5)
+        out = [line for _, line in lines]
+        print(*out, sep="\n")
+        at = {line.strip(): t for t, line in lines}
+        order = ["echo-1: draining (the pool keeps echo-2)", "echo-2: draining (the pool keeps echo-1)"]
+        assert all(o in at for o in order), out
+        e1_ready = next(t for t, line in lines if line.strip().startswith("echo-1: ready after"))
+        assert at[order[0]] < e1_ready < at[order[1]], out   # the second waited for the first's successor
+        assert "  tools: changed, replacing mesh-local-tools-echo-1, mesh-local-tools-echo-2 one at a time" in out, out
+        # from the first drain to the end of the deploy an echo replica was ready whenever the twin answered
+        during = [ready for t, ready in readings if t >= at[order[0]] and ready is not None]
+        assert during and all(ready & {"echo-1", "echo-2"} for ready in during), during
+        assert {n: image_of(n) for n in names} == dict.fromkeys(names, second)
+        assert fetch_status(cfg).mesh_state == "ready"
+
+        again = script(e, "deploy", "local")
+        assert again.returncode == 0 and again.stdout.count("unchanged") == 3, again.stdout
+    finally:
+        stop.set()
+        down = script(e, "down", "local", "--volumes")
+        podman(e, "rmi", "--force", image)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert podman(e, "ps", "--all", "--filter", "label=mesh.host=local", "--format", "{{.Names}}").stdout.split() == []

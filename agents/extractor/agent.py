@@ -26,6 +26,7 @@ from agents.extractor.backends import BACKENDS, DEFAULT_BACKENDS, TIME_BUDGET_S,
 from mesh.config import ConfigError
 from mesh.runtime import Agent, AgentSettings, handles
 from network.codec import Envelope
+from network.messages import AgentState
 from network.rpc import Deferred, MeshError
 from store.docstore import DocStore, Document, StoreUnavailable, open_docstore
 
@@ -73,6 +74,7 @@ class Extractor(Agent):
                                                f"use one of {sorted(BACKENDS)}")])
         self.store: DocStore | None = None
         self.pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
+        self._workers: list[mp.process.BaseProcess] = []   # the processes of pools shut down, ended in close()
         self._decompress = zstandard.ZstdDecompressor()
         self.stats = {"pages": 0, "extracted": 0, "failed": 0, "store_errors": 0}
 
@@ -138,6 +140,12 @@ class Extractor(Agent):
             old.shutdown(wait=False, cancel_futures=True)
 
     def _finish(self, msg: ExtractPage, future: Future, reply: Deferred) -> None:
+        if self.state in (AgentState.DRAINING, AgentState.STOPPED) and (
+                future.cancelled() or isinstance(future.exception(), BrokenProcessPool)):
+            # dropped or cut short by the drain (on_drain): not the page's fault, so nothing is stored; the page is
+            # delivered again, to another replica or to this one's successor
+            reply.fail("draining", f"extractor {self.name!r} is draining; try again after its restart")
+            return
         try:
             out = Extracted(**future.result())
         except BrokenProcessPool:
@@ -176,14 +184,31 @@ class Extractor(Agent):
         return dict(self.stats)
 
     def on_drain(self) -> None:
+        """Drops the queued pages (unacknowledged, they are delivered again: a pool's coordinator hands them to the
+        other replicas as soon as the twin reports this one draining, which the twin hears in the loop's next turn,
+        so nothing here may hold the loop) and leaves the workers to close()."""
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)  # unacknowledged pages are delivered again
+            self._shut_down_pool()
+
+    def _shut_down_pool(self) -> None:
+        # the executor forgets its processes at shutdown: keep them for close()
+        self._workers.extend((getattr(self.pool, "_processes", None) or {}).values())   # none for threads
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = None
 
     def close(self) -> None:
+        """Ends the worker processes: with the loop stopped nothing takes their results any more, and left to the
+        executor an idle worker could wait forever (its manager thread sent the workers their stop only after the
+        interpreter's exit had closed the queue's feeder), keeping the agent until the supervisor killed it at
+        drain_timeout_s: every drain with pages in hand took the whole timeout."""
         super().close()
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+            self._shut_down_pool()
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(2.0)
+        self._workers.clear()
         if self.store is not None:
             self.store.close()
             self.store = None
