@@ -517,6 +517,10 @@ def _expand_pools(cfg: MeshConfig) -> list[tuple[str, str, str]]:
         if twin is not None and _target_or_none(spec.kind) == twin:
             problems.append((f"{path}.replicas", "the digital twin cannot be a pool", "remove replicas:; one twin "
                              "gates the whole mesh"))
+        single = getattr(_settings_model(_target_or_none(spec.kind)), "single_agent", "")
+        if single:
+            problems.append((f"{path}.replicas", f"a {spec.kind} cannot be a pool: {single}",
+                             "remove replicas: (one agent of this kind)"))
         if not groups:
             problems.append((path, f"pool {name!r} is in no group, so it has no host",
                              "list it under the agents: of a group (a mapping replicas: {host: count} places "

@@ -66,6 +66,8 @@ class AgentSettings(BaseModel):
     """Base of every kind's settings (`agents.NAME.settings` in YAML)."""
 
     model_config = ConfigDict(extra="forbid")
+    # why this kind runs as one agent and never as a pool: the config refuses `replicas:` on it with this reason
+    single_agent: ClassVar[str] = ""
 
     def extra_ports(self, mesh: MeshSettings) -> dict[str, int]:
         """The ports the agent binds besides its endpoints (rpc, pub, metrics), by name, before mesh.port_offset

@@ -185,6 +185,22 @@ def test_each_bad_pool_is_one_problem_with_its_path_and_a_fix(changes, path, mes
     assert fix, "every problem says what to do"
 
 
+@pytest.mark.parametrize("kind, why", [
+    ("topic_model", "the one writer of the topic state"),
+    ("curiosity", "its policy learns from every scored page"),
+    ("vram_optimizer", "lease the same memory twice"),
+])
+def test_the_kinds_that_keep_one_state_cannot_be_pools(kind, why):
+    d = data()
+    d["agents"]["single"] = {"kind": kind, "depends_on": ["twin"], "replicas": 2}
+    d["groups"]["core"]["agents"].append("single")
+    [(path, message, fix)] = problems_of(d)
+    assert path == "agents.single.replicas" and f"a {kind} cannot be a pool: " in message and why in message
+    assert "remove replicas:" in fix
+    del d["agents"]["single"]["replicas"]
+    parse_config(d)                                               # one of them is fine
+
+
 def test_a_replica_name_longer_than_a_name_may_be_is_refused():
     name = "x" * 62      # a name may have 63 characters; x...x-1 has 64
     d = mesh_dict({name: {"kind": "echo", "depends_on": ["twin"], "replicas": 1}})

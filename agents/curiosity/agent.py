@@ -37,6 +37,7 @@ import collections
 import queue
 import threading
 import time
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -72,6 +73,9 @@ LAG_MIN_SAMPLES = 5    # and is warned about only from this many: one page re-ex
 
 
 class CuriositySettings(AgentSettings):
+    single_agent: ClassVar[str] = (
+        "its policy learns from every scored page and sets the priorities of its coordinator's frontier: replicas "
+        "would each learn from part of the pages and send the frontier conflicting priorities")
     coordinator: AgentRef("crawl_coordinator") = Field("crawler", description="the crawl coordinator whose frontier this agent steers")
     topic_model: AgentRef("topic_model") = Field("topics", description="the topic model whose doc.scored events teach the policy")
     model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model for anchor texts (the topic "

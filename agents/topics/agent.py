@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -66,6 +67,10 @@ from store.docstore import DocStore, Document, Scores, StoreUnavailable, open_do
 
 
 class TopicSettings(AgentSettings):
+    single_agent: ClassVar[str] = (
+        "it is the one writer of the topic state (data/topics: the vectors, the near-duplicate index, the online "
+        "topics and novelty's memory), which every document's score depends on: replicas would each learn part of "
+        "the crawl and write over each other's state; run it on the GPU host, or the cpu profile on a CPU host")
     model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: name or directory")
     device: str = Field("auto", description="auto (the GPU when there is one), cpu, cuda, cuda:N")
     batch_size: int | None = Field(None, ge=1, le=4096, description="chunks per forward pass (default: the host's "

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,6 +80,8 @@ class SimulatedSettings(BaseModel):
 
 
 class VramSettings(AgentSettings):
+    single_agent: ClassVar[str] = (
+        "it leases one host's GPU memory: two on a host would lease the same memory twice; declare one per GPU host")
     headroom_mb: int = Field(1024, ge=0, description="kept free on every GPU: the budget is its memory minus this")
     poll_s: float = Field(2.0, gt=0, le=3600, description="read the GPUs (NVML) this often")
     keep_alive_s: float | None = Field(300.0, gt=0, description="ask holders to unload a model unused this long; "
