@@ -344,6 +344,7 @@ def test_unreachable_host_fails_its_urls_and_the_crawl_goes_on(site, write_confi
     assert rows[site.url("/a/1.html")]["state"] == "done" and status.documents > 5
 
 
+@pytest.mark.slow   # about 15 s: a polite crawl, so the reordering has time to show
 def test_new_priorities_reorder_a_polite_crawl(write_config, run_agents):
     """crawl.prioritize reaches URLs still in the frontier and URLs already taken into the host's buffer: on a
     polite single-host crawl, the links given the highest priorities are fetched next, ahead of earlier links."""

@@ -160,6 +160,7 @@ def test_an_edited_file_makes_an_entry_incomplete(tmp_path: Path, models: Path):
     assert not _complete(entry)
 
 
+@pytest.mark.slow   # makes the int8 model again (about 25 s); the fast test above checks the damage is seen
 def test_damaged_cache_is_rebuilt(tmp_path: Path, models: Path, torch_embedder: Embedder):
     cache = tmp_path / "models"
     shutil.copytree(models, cache)

@@ -148,6 +148,7 @@ def test_whole_mesh_split_over_two_hosts(mesh, lab):
     assert "curve on" in (mesh.tmp / "pc2" / "logs" / "probe-pc2.log").read_text()
 
 
+@pytest.mark.slow   # about 25 s: a partition held past the dead time, then healed
 def test_partition_marks_pc2_unreachable_and_heals_without_restarts(mesh, lab):
     before = mesh.agents()
     handled_before = mesh.metric("probe-pc2", ECHOES_HANDLED)
@@ -220,6 +221,7 @@ def test_connectivity_names_a_closed_port(mesh):
     assert "nothing listens" in tcp["cause"] and "meshctl up --config config/pc2.yaml" in tcp["fix"]
 
 
+@pytest.mark.slow   # about 20 s: the CURVE handshake fails until its timeout
 def test_connectivity_names_a_key_mismatch(lab, tmp_path):
     m = TwoHostMesh(lab, tmp_path)
     wrong = tmp_path / "pc2-keys"
