@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from agents.crawler.rawstore import RawStore
 from testing.harness import ROOT, wait_for
 from testing.lab import Lab
 from testing.procs import alive, cpu_seconds, descendants
@@ -176,3 +177,12 @@ class PoolLab:
             self._server.wait(10)
         self.ups.clear()
 
+
+def fetched_urls(raw_dir: Path) -> set[str]:
+    """The URLs a crawl fetched whole (status 200, no error), as its raw store records them: what the document store
+    must hold exactly once."""
+    raw = RawStore(raw_dir)
+    try:
+        return {r.url for r in raw.fetches() if r.status == 200 and r.error is None}
+    finally:
+        raw.close()

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from agents.contracts import CrawlStatusRequest
-from agents.crawler.rawstore import RawStore
 from mesh.control import client
 from mesh.control import fetch_status
 from ops.rolling import RollError, roll
 from testing.harness import ROOT, AgentThread, MeshUp, mesh_dict, wait_for
+from testing.poollab import fetched_urls
 
 OUTPUT = Path(os.environ.get("MESH_TEST_OUTPUT", ROOT / "test-output"))
 CRAWL = {"max_depth": 4, "max_pages": 500, "politeness_s": 0.0, "per_host_concurrency": 8, "concurrency": 16,
@@ -190,11 +190,7 @@ def test_every_replica_of_a_pool_replaced_one_at_a_time_mid_crawl(write_config, 
             up.wait(30)
     assert st["fetched"] == 0, st   # nothing left waiting for an extractor (URLs past the page budget stay queued)
 
-    raw = RawStore(cfg.raw_dir)
-    try:
-        fetched = {r.url for r in raw.fetches() if r.status == 200 and r.error is None}
-    finally:
-        raw.close()
+    fetched = fetched_urls(cfg.raw_dir)
     with sqlite3.connect(cfg.store_url("documents")[len("sqlite:///"):]) as db:
         rows = db.execute("select url, extracted_at from documents").fetchall()
     urls = [u for u, _ in rows]

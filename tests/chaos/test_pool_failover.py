@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.crawler.rawstore import RawStore
 from mesh.config import load_config
 from testing.harness import ROOT, wait_for
 from testing.lab import Lab, available
-from testing.poollab import PYDOC, PoolLab
+from testing.poollab import PYDOC, PoolLab, fetched_urls
 from testing.system import missing, reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -72,11 +71,7 @@ def exactly_once(pool: PoolLab) -> dict:
     st = pool.wait_idle(timeout=600)
     assert st["fetched"] == 0 and st["queued"] == 0, st
     cfg = load_config(pool.config)
-    raw = RawStore(cfg.raw_dir)
-    try:
-        fetched = {r.url for r in raw.fetches() if r.status == 200 and r.error is None}
-    finally:
-        raw.close()
+    fetched = fetched_urls(cfg.raw_dir)
     with sqlite3.connect(cfg.store_url("documents")[len("sqlite:///"):]) as db:
         urls = [u for (u,) in db.execute("select url from documents")]
     assert len(urls) == len(set(urls)), "a page stored twice"
